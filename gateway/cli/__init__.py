@@ -1,0 +1,52 @@
+"""``mtls-gateway`` command line.
+
+Each subcommand group lives in its own module exposing
+``register(subparsers)``; handlers return the process exit code
+(0 success/accepted, 1 rejected/failed check, 2 usage or input error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+_GROUPS = (
+    "gateway.cli.init_cmd",
+    "gateway.cli.run_cmd",
+    "gateway.cli.trust_cmd",
+    "gateway.cli.store_cmds",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (used by ``main`` and by the docs/tests)."""
+    parser = argparse.ArgumentParser(
+        prog="mtls-gateway",
+        description="Self-hosted mTLS gateway for IoT devices.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _GROUPS:
+        module = importlib.import_module(name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mtls-gateway`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Configuration: one TOML file loaded into frozen dataclasses, validated at load.
+
+Precedence: built-in defaults < TOML file < environment (``MTLS_GATEWAY_*``
+for paths and secrets) < command-line options. Every field is documented in
+``configs/gateway.toml``; an unknown key or a bad value is a
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "MTLS_GATEWAY_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One TCP/UDP listener."""
+
+    enabled: bool = True
+    """Whether to open this listener at all."""
+    host: str = "0.0.0.0"
+    """Address to bind (``0.0.0.0`` all IPv4, ``::`` all IPv6, ``127.0.0.1`` loopback)."""
+    port: int = 0
+    """Port; 0 picks a free one (tests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenersConfig:
+    mqtt: ListenerConfig = ListenerConfig(port=8883)
+    """Core MQTT: ClientId must equal the certificate CN; registration on first connect."""
+    mqtt_service: ListenerConfig = ListenerConfig(port=9883)
+    """MQTT service: username must equal the tenant id; no registration."""
+    https: ListenerConfig = ListenerConfig(port=8443)
+    """HTTPS device API, management API and EST."""
+    lwm2m: ListenerConfig = ListenerConfig(port=5684)
+    """LWM2M over CoAP/DTLS (UDP)."""
+    admin: ListenerConfig = ListenerConfig(host="127.0.0.1", port=8081)
+    """Plain-HTTP admin listener: /metrics, /healthz, /readyz, /status. Keep it on loopback."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    server_cert: str = ""
+    """Server certificate chain (PEM). Empty: ``<data_dir>/demo/server.pem``."""
+    server_key: str = ""
+    """Server private key (PEM). Empty: ``<data_dir>/demo/server.key``."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted."""
+    session_tickets: bool = False
+    """Issue TLS session tickets (resumption). Off by default: tickets cost ~30% of a
+    full handshake even when nobody resumes, and a resumed session carries no chain,
+    so its identity comes from the decision cached for that certificate."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    handshake_timeout: float = 10.0
+    """Seconds a peer has to complete the TLS handshake (and MQTT CONNECT)."""
+    max_connections: int = 10000
+    """Live connections across TCP listeners; more are refused at accept."""
+    handshake_rate: float = 50.0
+    """New handshakes per second allowed per source address (token bucket)."""
+    handshake_burst: int = 100
+    """Bucket size of the per-address handshake rate limit."""
+    max_packet_size: int = 256 * 1024
+    """Largest MQTT packet accepted from a device, in bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    max_chain_length: int = 10
+    """Largest number of certificates in a verified chain, device and anchor included."""
+    require_anchor_in_chain: bool = True
+    """Spec rule: the presented chain must contain the trusted certificate (or, for a
+    lone device certificate, its issuer must be trusted). False: RFC 5280 path
+    building from any presented certificate's issuer."""
+    refresh_interval: float = 0.2
+    """Seconds between change-feed polls (changes take effect within about this)."""
+    decision_cache_size: int = 100000
+    """Chains whose decision is cached (invalidated on every trust change)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    backend: Literal["embedded", "upstream"] = "embedded"
+    """``embedded``: in-process amqtt broker (MQTT 3.1.1 only, for demos and small
+    sites); ``upstream``: any MQTT broker over TCP (production, MQTT 5)."""
+    upstream_host: str = "127.0.0.1"
+    """Upstream broker address (backend = upstream)."""
+    upstream_port: int = 1883
+    """Upstream broker port (backend = upstream)."""
+    upstream_username: str = ""
+    """Optional credentials the gateway presents to the upstream broker."""
+    upstream_password: str = ""
+    """Secret: prefer the environment variable MTLS_GATEWAY_MQTT_UPSTREAM_PASSWORD."""
+    connect_timeout: float = 10.0
+    """Seconds to wait for the backend's CONNACK."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    format: Literal["console", "json"] = "console"
+    """``console`` for people, ``json`` (one object per line) for log shippers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    data_dir: Path = Path("var")
+    """Where the SQLite store, the demo PKI and generated keys live."""
+    store: str = ""
+    """Store URL: ``sqlite:///path.db`` (default ``<data_dir>/gateway.db``) or ``redis://host:port/db``."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """``auto`` uses uvloop when installed (~50 KB per idle TLS connection instead of ~295 KB)."""
+    listeners: ListenersConfig = ListenersConfig()
+    tls: TlsConfig = TlsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    trust: TrustConfig = TrustConfig()
+    mqtt: MqttConfig = MqttConfig()
+    logging: LoggingConfig = LoggingConfig()
+    source: str = field(default="", compare=False)
+    """Where the configuration came from (for messages)."""
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return Path(self.tls.server_cert) if self.tls.server_cert else self.data_dir / "demo" / "server.pem"
+
+    @property
+    def server_key_path(self) -> Path:
+        return Path(self.tls.server_key) if self.tls.server_key else self.data_dir / "demo" / "server.key"
+
+
+_ENV_FIELDS = {
+    "DATA_DIR": ("data_dir",),
+    "STORE": ("store",),
+    "SERVER_CERT": ("tls", "server_cert"),
+    "SERVER_KEY": ("tls", "server_key"),
+    "MQTT_UPSTREAM_PASSWORD": ("mqtt", "upstream_password"),
+    "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
+}
+
+SECRET_KEYS = {"upstream_password"}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    store_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Load defaults ← TOML ``path`` ← environment ← explicit arguments, validated."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        source = str(path)
+    environ = os.environ if env is None else env
+    for suffix, keys in _ENV_FIELDS.items():
+        value = environ.get(ENV_PREFIX + suffix)
+        if value:
+            node = raw
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+    config: Config = _build(Config, raw, "")
+    if data_dir is not None:
+        config = replace(config, data_dir=Path(data_dir))
+    if store_url:
+        config = replace(config, store=store_url)
+    config = replace(config, source=source)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field and range checks; raises :class:`ConfigError`."""
+    for name in ("mqtt", "mqtt_service", "https", "lwm2m", "admin"):
+        lc: ListenerConfig = getattr(config.listeners, name)
+        if not 0 <= lc.port <= 65535:
+            raise ConfigError(f"listeners.{name}.port: {lc.port} is not a port number (0-65535)")
+    lim = config.limits
+    _positive("limits.handshake_timeout", lim.handshake_timeout)
+    _positive("limits.max_connections", lim.max_connections)
+    _positive("limits.handshake_rate", lim.handshake_rate)
+    _positive("limits.handshake_burst", lim.handshake_burst)
+    if not 64 <= lim.max_packet_size <= 268435455:
+        raise ConfigError("limits.max_packet_size: must be between 64 and 268435455 bytes")
+    if not 2 <= config.trust.max_chain_length <= 64:
+        raise ConfigError("trust.max_chain_length: must be between 2 and 64")
+    _positive("trust.refresh_interval", config.trust.refresh_interval)
+    if config.store and not config.store.startswith(("sqlite:", "redis://", "rediss://")):
+        raise ConfigError(f"store: {config.store!r} is not a sqlite:/// or redis:// URL")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    for key in raw:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}{f.name}"
+        typ = hints[f.name]
+        value = raw[f.name]
+        if is_dataclass(typ):
+            default = getattr(cls(), f.name)
+            merged = _build(typ, value, key + ".")  # type: ignore[arg-type]
+            # keep per-field defaults of nested listener tables (e.g. the port)
+            explicit = {k: getattr(merged, k) for k in value}
+            values[f.name] = replace(default, **explicit)
+        else:
+            values[f.name] = _coerce(key, typ, value)
+    return cls(**values)
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    origin = get_origin(typ)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if typ is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string")
+        return Path(value)
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration as a dict with secrets masked (``config show``)."""
+
+    def walk(obj: Any) -> Any:
+        if is_dataclass(obj) and not isinstance(obj, type):
+            out = {}
+            for f in fields(obj):
+                v = getattr(obj, f.name)
+                out[f.name] = "********" if f.name in SECRET_KEYS and v else walk(v)
+            return out
+        if isinstance(obj, Path):
+            return str(obj)
+        return obj
+
+    result: dict[str, Any] = walk(config)
+    result["store"] = _mask_url(config.store_url)
+    return result
+
+
+def _mask_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:********@{host}"
+    return url

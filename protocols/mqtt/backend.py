@@ -1,0 +1,41 @@
+"""The backend side of the MQTT front-end: a byte pipe to a broker.
+
+The front-end never trusts the backend for identity: by the time a
+connection is opened here, the device is authenticated and its CONNECT
+rewritten into the tenant's namespace. A backend only moves bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BackendConnection(Protocol):
+    """One device session's connection to the broker."""
+
+    async def read(self) -> bytes:
+        """Next chunk from the broker; ``b""`` once the broker closed."""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the broker."""
+
+    async def drain(self) -> None:
+        """Wait until the queued bytes were taken (back-pressure)."""
+
+    def close(self) -> None:
+        """Close without waiting (idempotent)."""
+
+
+class Backend(Protocol):
+    """A broker the gateway forwards authenticated sessions to."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Start (embedded) or check reachability (upstream)."""
+
+    async def stop(self) -> None:
+        """Stop; open connections are closed."""
+
+    async def connect(self) -> BackendConnection:
+        """Open a connection for one device session (raises OSError on failure)."""

@@ -1,0 +1,422 @@
+"""The MQTT front-end of one device connection, sans-IO.
+
+Feed it the device's bytes (:meth:`MqttFrontend.device_data`) and the
+broker's bytes (:meth:`MqttFrontend.backend_data`); it returns events for the
+glue to carry out. It enforces the listener's identity rule on CONNECT
+(8883: ClientId == certificate CN; 9883: username == tenant id), rewrites
+client ids, topics and filters into the tenant's namespace in both
+directions, and never lets a device reach outside its tenant.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, replace
+
+from protocols.mqtt import topics
+from protocols.mqtt.codec import (
+    EMPTY_PROPERTIES,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    MqttDecoder,
+    MqttProtocolError,
+    Packet,
+    Properties,
+    Puback,
+    Pubrec,
+    Publish,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    Unsubscribe,
+    Will,
+    connack_for_error,
+    disconnect_for_error,
+    encode,
+    encode_reject_connack,
+)
+from trust.model import Decision, DeviceIdentity, Listener, Reason, Rejection
+
+BACKEND_MAX_PACKET = 268435455
+
+
+@dataclass(frozen=True, slots=True)
+class SendDevice:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendBackend:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authorize:
+    """CONNECT passed the listener's rule: admit the device, open the backend,
+    then call :meth:`MqttFrontend.backend_ready` (or :meth:`refuse`)."""
+
+    identity: DeviceIdentity
+    connect: Connect
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A device PUBLISH forwarded (for metrics)."""
+
+    direction: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close both sides after sending what was queued. ``code`` is a log reason."""
+
+    code: str
+    message: str
+
+
+Event = SendDevice | SendBackend | Authorize | Close | Published
+
+
+class State(enum.Enum):
+    AWAIT_CONNECT = 1
+    AUTHORIZING = 2
+    CONNECTED = 3
+    CLOSED = 4
+
+
+def _connack_refusal(code: ReasonCode, version: int | None, reason: str) -> bytes:
+    data = encode_reject_connack(
+        int(code), version, reason_string=reason[:200] if version == 5 else None
+    )
+    return data or b""
+
+
+class MqttFrontend:
+    """One device connection's MQTT rules and namespace rewriting."""
+
+    def __init__(
+        self,
+        decision: Decision,
+        listener: Listener,
+        *,
+        max_packet_size: int,
+        allow_v5: bool = True,
+    ) -> None:
+        self.decision = decision
+        self.listener = listener
+        self.allow_v5 = allow_v5
+        self.state = State.AWAIT_CONNECT
+        self.version: int | None = None
+        self.tenant: str | None = None
+        self.client_id: str | None = None
+        self._assigned_id: str | None = None
+        self._device = MqttDecoder(max_packet_size)
+        self._backend: MqttDecoder | None = None
+        self._held: list[Packet] = []
+        self._connect: Connect | None = None
+        # SUBSCRIBE packet id -> positions refused by the gateway (merged into SUBACK)
+        self._refused_subs: dict[int, list[tuple[int, int]]] = {}
+
+    # device → gateway ----------------------------------------------------------
+    def device_data(self, data: bytes) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        try:
+            packets = self._device.feed(data)
+        except MqttProtocolError as exc:
+            events: list[Event] = []
+            for p in exc.packets:
+                events += self._device_packet(p)
+                if self.state is State.CLOSED:
+                    return events
+            return events + self._protocol_error(exc)
+        out: list[Event] = []
+        for p in packets:
+            out += self._device_packet(p)
+            if self.state is State.CLOSED:
+                break
+        return out
+
+    def _protocol_error(self, exc: MqttProtocolError) -> list[Event]:
+        self.state, was = State.CLOSED, self.state
+        if was is State.AWAIT_CONNECT:
+            data = connack_for_error(exc)
+        else:
+            data = disconnect_for_error(exc)
+        events: list[Event] = [SendDevice(data)] if data else []
+        return [*events, Close("malformed", exc.message)]
+
+    def _device_packet(self, p: Packet) -> list[Event]:
+        if self.state is State.AWAIT_CONNECT:
+            assert isinstance(p, Connect)  # the server-side decoder guarantees it
+            return self._on_connect(p)
+        if self.state is State.AUTHORIZING:
+            self._held.append(p)
+            return []
+        return self._forward_device(p)
+
+    def _on_connect(self, p: Connect) -> list[Event]:
+        self.version = p.protocol_level
+        version = p.protocol_level
+        decision = self.decision
+        if version == 5 and not self.allow_v5:
+            return self._refuse_connect(
+                ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+                "unsupported_version",
+                "MQTT 5 needs the upstream broker backend",
+            )
+        if isinstance(decision, Rejection):
+            return self._refuse_connect(
+                ReasonCode.NOT_AUTHORIZED, decision.reason.value, decision.message
+            )
+        if self.listener is Listener.MQTT_CORE:
+            if p.client_id != decision.device_id:
+                return self._refuse_connect(
+                    ReasonCode.NOT_AUTHORIZED,
+                    "client_id_mismatch",
+                    f"ClientId {p.client_id!r} must equal the certificate CN {decision.device_id!r}",
+                )
+        elif self.listener is Listener.MQTT_SERVICE:
+            if p.username != decision.tenant:
+                return self._refuse_connect(
+                    ReasonCode.NOT_AUTHORIZED,
+                    "username_mismatch",
+                    "MQTT username must be the tenant id of the certificate",
+                )
+        self.tenant = decision.tenant
+        self.client_id = p.client_id
+        if not p.client_id:
+            # 9883 only (8883 requires the CN): give the session a unique id.
+            self._assigned_id = "auto-" + secrets.token_hex(8)
+            self.client_id = self._assigned_id
+        if p.will is not None and not self._topic_allowed(p.will.topic):
+            return self._refuse_connect(
+                ReasonCode.NOT_AUTHORIZED if version == 5 else ReasonCode.NOT_AUTHORIZED,
+                "forbidden_topic",
+                "will topic is not allowed",
+            )
+        self._connect = p
+        self.state = State.AUTHORIZING
+        return [Authorize(decision, p)]
+
+    def _refuse_connect(self, code: ReasonCode, log_code: str, message: str) -> list[Event]:
+        self.state = State.CLOSED
+        return [SendDevice(_connack_refusal(code, self.version, message)), Close(log_code, message)]
+
+    def refuse(self, code: ReasonCode, log_code: str, message: str) -> list[Event]:
+        """Refuse a connection in AUTHORIZING (admission or backend failed)."""
+        return self._refuse_connect(code, log_code, message)
+
+    def backend_ready(
+        self, *, username: str | None = None, password: bytes | None = None
+    ) -> list[Event]:
+        """The backend is open: send the rewritten CONNECT and anything held."""
+        assert self._connect is not None and self.tenant is not None and self.client_id is not None
+        version = self._connect.protocol_level
+        self._backend = MqttDecoder(BACKEND_MAX_PACKET, version, server=False)
+        will = self._connect.will
+        if will is not None:
+            will = Will(
+                topics.to_backend_topic(self.tenant, will.topic),
+                will.payload,
+                will.qos,
+                will.retain,
+                self._mount_props(will.properties),
+            )
+        props = self._connect.properties
+        if version == 5:
+            props = replace(props, authentication_method=None, authentication_data=None)
+        backend_connect = replace(
+            self._connect,
+            client_id=topics.to_backend_client_id(self.tenant, self.client_id),
+            username=username,
+            password=password if username is not None else None,
+            will=will,
+            properties=props,
+        )
+        self.state = State.CONNECTED
+        out: list[Event] = [SendBackend(encode(backend_connect, version))]
+        held, self._held = self._held, []
+        for p in held:
+            out += self._forward_device(p)
+            if self.state is State.CLOSED:
+                break
+        return out
+
+    def _topic_allowed(self, topic: str) -> bool:
+        try:
+            topics.validate_topic_name(topic)
+        except ValueError:
+            return False
+        return not topic.startswith("$")
+
+    def _mount_props(self, props: Properties) -> Properties:
+        if props.response_topic is None or self.tenant is None:
+            return props
+        return replace(
+            props, response_topic=topics.to_backend_topic(self.tenant, props.response_topic)
+        )
+
+    def _unmount_props(self, props: Properties) -> Properties:
+        if props.response_topic is None or self.tenant is None:
+            return props
+        inner = topics.from_backend_topic(self.tenant, props.response_topic)
+        return replace(props, response_topic=inner)
+
+    def _forward_device(self, p: Packet) -> list[Event]:
+        assert self.tenant is not None and self.version is not None
+        v = self.version
+        if isinstance(p, Publish):
+            if p.topic == "" and p.properties.topic_alias is not None:
+                mounted = p  # alias already bound to a mounted topic at the broker
+            elif not self._topic_allowed(p.topic):
+                return self._kick(
+                    ReasonCode.TOPIC_NAME_INVALID,
+                    "forbidden_topic",
+                    f"topic {p.topic!r} is not allowed",
+                )
+            else:
+                mounted = replace(
+                    p,
+                    topic=topics.to_backend_topic(self.tenant, p.topic),
+                    properties=self._mount_props(p.properties),
+                )
+            return [SendBackend(encode(mounted, v)), Published("device")]
+        if isinstance(p, Subscribe):
+            return self._subscribe(p)
+        if isinstance(p, Unsubscribe):
+            filters = tuple(
+                self._mount_filter(f) or topics.to_backend_topic(self.tenant, "%refused-filter%")
+                for f in p.topic_filters
+            )
+            return [SendBackend(encode(replace(p, topic_filters=filters), v))]
+        if isinstance(p, Disconnect):
+            self.state = State.CLOSED
+            return [SendBackend(encode(p, v)), Close("client_disconnect", "device sent DISCONNECT")]
+        if isinstance(p, Auth):
+            return self._kick(
+                ReasonCode.BAD_AUTHENTICATION_METHOD,
+                "auth_unsupported",
+                "enhanced authentication is not supported",
+            )
+        return [SendBackend(encode(p, v))]
+
+    def _mount_filter(self, f: str) -> str | None:
+        assert self.tenant is not None
+        try:
+            topics.validate_topic_filter(f)
+            if f.startswith("$") and not f.startswith("$share/"):
+                return None
+            return topics.to_backend_filter(self.tenant, f)
+        except ValueError:
+            return None
+
+    def _subscribe(self, p: Subscribe) -> list[Event]:
+        assert self.version is not None
+        allowed = []
+        refused: list[tuple[int, int]] = []
+        for i, (f, opts) in enumerate(p.subscriptions):
+            mounted = self._mount_filter(f)
+            if mounted is None:
+                refused.append(
+                    (i, 0x80 if self.version != 5 else int(ReasonCode.TOPIC_FILTER_INVALID))
+                )
+            else:
+                allowed.append((mounted, opts))
+        if not allowed:
+            codes = tuple(c for _, c in refused)
+            return [SendDevice(encode(Suback(p.packet_id, codes), self.version))]
+        if refused:
+            self._refused_subs[p.packet_id] = refused
+        return [SendBackend(encode(replace(p, subscriptions=tuple(allowed)), self.version))]
+
+    def _kick(self, code: ReasonCode, log_code: str, message: str) -> list[Event]:
+        self.state = State.CLOSED
+        out: list[Event] = []
+        if self.version == 5:
+            props = Properties(reason_string=message[:200])
+            out.append(SendDevice(encode(Disconnect(int(code), props), 5)))
+        return [*out, Close(log_code, message)]
+
+    # broker → gateway ----------------------------------------------------------
+    def backend_data(self, data: bytes) -> list[Event]:
+        if self.state is State.CLOSED or self._backend is None:
+            return []
+        try:
+            packets = self._backend.feed(data)
+        except MqttProtocolError as exc:
+            self.state = State.CLOSED
+            return [Close("backend_protocol_error", f"broker sent invalid MQTT: {exc.message}")]
+        out: list[Event] = []
+        for p in packets:
+            out += self._forward_backend(p)
+        return out
+
+    def _forward_backend(self, p: Packet) -> list[Event]:
+        assert self.tenant is not None and self.version is not None
+        v = self.version
+        if isinstance(p, Publish):
+            if p.topic == "" and p.properties.topic_alias is not None:
+                return [SendDevice(encode(p, v)), Published("backend")]
+            inner = topics.from_backend_topic(self.tenant, p.topic)
+            if inner is None:
+                # Never deliver outside the namespace; still complete the broker's flow.
+                if p.qos == 1 and p.packet_id is not None:
+                    return [SendBackend(encode(Puback(p.packet_id), v))]
+                if p.qos == 2 and p.packet_id is not None:
+                    return [SendBackend(encode(Pubrec(p.packet_id), v))]
+                return []
+            out = replace(p, topic=inner, properties=self._unmount_props(p.properties))
+            return [SendDevice(encode(out, v)), Published("backend")]
+        if isinstance(p, Suback):
+            refused = self._refused_subs.pop(p.packet_id, None)
+            if refused:
+                codes = list(p.reason_codes)
+                for pos, code in refused:
+                    codes.insert(pos, code)
+                p = replace(p, reason_codes=tuple(codes))
+            return [SendDevice(encode(p, v))]
+        if isinstance(p, Connack):
+            if self._assigned_id is not None and v == 5:
+                p = replace(
+                    p,
+                    properties=replace(p.properties, assigned_client_identifier=self._assigned_id),
+                )
+            elif p.properties.assigned_client_identifier is not None:
+                p = replace(p, properties=replace(p.properties, assigned_client_identifier=None))
+            return [SendDevice(encode(p, v))]
+        if isinstance(p, Disconnect):
+            self.state = State.CLOSED
+            return [SendDevice(encode(p, v)), Close("backend_disconnect", "broker sent DISCONNECT")]
+        return [SendDevice(encode(p, v))]
+
+    # gateway-initiated ---------------------------------------------------------
+    def kick(self, reason: str, message: str) -> list[Event]:
+        """Close a live session (revocation, disable, shutdown): a v5 DISCONNECT
+        with the matching reason code; 3.1.1 has none, the socket just closes."""
+        code = (
+            ReasonCode.SERVER_SHUTTING_DOWN if reason == "shutdown" else ReasonCode.NOT_AUTHORIZED
+        )
+        if self.state is State.CLOSED:
+            return []
+        if self.state is not State.CONNECTED:
+            self.state = State.CLOSED
+            return [Close(reason, message)]
+        return self._kick(code, reason, message)
+
+
+__all__ = [
+    "EMPTY_PROPERTIES",
+    "Authorize",
+    "Close",
+    "Event",
+    "MqttFrontend",
+    "Published",
+    "Reason",
+    "SendBackend",
+    "SendDevice",
+    "State",
+]

@@ -1,0 +1,13 @@
+"""The trust core: pure functions of data, no sockets, no event loop.
+
+- :mod:`trust.certs` parses certificates with clean errors and fingerprints them;
+- :mod:`trust.verify` validates a presented chain against anchors (RFC 5280 on
+  top of ``cryptography.x509.verification``);
+- :mod:`trust.snapshot` is the immutable view of the store a decision reads;
+- :mod:`trust.policy` decides a connection: tenant, revocation, device user;
+- :mod:`trust.anchors`, :mod:`trust.revocation`, :mod:`trust.pop` validate what
+  operators upload.
+
+Every decision takes ``now`` as an argument, so tests cover expiry without
+sleeping.
+"""
