@@ -107,6 +107,25 @@ def _verify_failure_reason(exc: BaseException) -> str:
     return "connection_lost"
 
 
+READ_LIMIT = 64 * 1024
+
+
+class _Accepted(asyncio.Protocol):
+    """Holds a freshly accepted socket still: reading is paused before any byte
+    can arrive, so the ClientHello is left for ``start_tls`` (no race)."""
+
+    def __init__(self, listener: TlsListener) -> None:
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.listener._spawn(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        return None
+
+
 class TlsListener:
     """One TCP+TLS listener."""
 
@@ -143,8 +162,9 @@ class TlsListener:
         return port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_accept, self.host, self.port, reuse_address=True, backlog=1024
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Accepted(self), self.host, self.port, reuse_address=True, backlog=1024
         )
         log.info("%s listening on %s:%d (TLS)", self.listener.value, self.host, self.bound_port)
 
@@ -159,18 +179,13 @@ class TlsListener:
         if self._conn_tasks:
             await asyncio.gather(*self._conn_tasks, return_exceptions=True)
 
-    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conn_tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        finally:
-            if task is not None:
-                self._conn_tasks.discard(task)
+    def _spawn(self, transport: asyncio.Transport) -> None:
+        task = asyncio.create_task(self._serve(transport))
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername") or ("?", 0)
+    async def _serve(self, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername") or ("?", 0)
         address = str(peername[0])
         peer = f"{address}:{peername[1]}"
         lname = self.listener.value
@@ -179,26 +194,42 @@ class TlsListener:
             log.warning(
                 "refusing %s on %s: max_connections=%d reached", peer, lname, self.limiter.limit
             )
-            writer.transport.abort()
+            transport.abort()
             return
         try:
             if not self.rate.allow(address, time.monotonic()):
                 self.metrics.refused.inc(lname, "handshake_rate")
                 log.warning("refusing %s on %s: handshake rate limit for this address", peer, lname)
-                writer.transport.abort()
+                transport.abort()
                 return
             started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=READ_LIMIT)
+            protocol = asyncio.StreamReaderProtocol(reader)
             try:
-                await asyncio.wait_for(
-                    writer.start_tls(self.context, ssl_handshake_timeout=self.handshake_timeout),
+                tls_transport = await asyncio.wait_for(
+                    loop.start_tls(
+                        transport,
+                        protocol,
+                        self.context,
+                        server_side=True,
+                        ssl_handshake_timeout=self.handshake_timeout,
+                    ),
                     timeout=self.handshake_timeout + 1,
                 )
-            except (ssl.SSLError, OSError, TimeoutError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 reason = _verify_failure_reason(exc)
                 self.metrics.handshakes.inc(lname, "rejected", reason)
-                log.info("handshake failed listener=%s peer=%s reason=%s", lname, peer, reason)
-                writer.transport.abort()
+                log.info(
+                    "handshake failed listener=%s peer=%s reason=%s (%s)",
+                    lname, peer, reason, exc.__class__.__name__,
+                )
+                transport.abort()
                 return
+            if tls_transport is None:  # pragma: no cover - start_tls contract
+                transport.abort()
+                return
+            writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
             ssl_object = writer.get_extra_info("ssl_object")
             chain = peer_chain_der(ssl_object) if ssl_object is not None else None
             decision = self.trust.decide_der(chain, self.listener)
@@ -216,6 +247,6 @@ class TlsListener:
                 log.exception("handler crashed for %s on %s", peer, lname)
             finally:
                 if not writer.is_closing():
-                    writer.transport.abort()
+                    tls_transport.abort()
         finally:
             self.limiter.release()

@@ -532,8 +532,13 @@ class _Verification:
 
     def _pyca(self, path: list[_Node]) -> None:
         """pyca has the last word on the path (signatures, its web-PKI profile)."""
-        # Split at self-issued intermediates: pyca would count them for pathLen.
-        cuts = [0] + [i for i in range(1, len(path) - 1) if path[i].self_issued] + [len(path) - 1]
+        # pyca counts self-issued intermediates for pathLen (RFC 5280 does not):
+        # when that matters, split the path at them, each piece anchored at the
+        # self-issued certificate above it.
+        cuts = [0, len(path) - 1]
+        if not _path_length_ok(path, count_self_issued=True):
+            inner = [i for i in range(1, len(path) - 1) if path[i].self_issued]
+            cuts = [0, *inner, len(path) - 1]
         for k in range(len(cuts) - 1):
             lo, hi = cuts[k], cuts[k + 1]
             top = path[hi]
@@ -679,8 +684,11 @@ def _check_encoding(node: _Node, role: str) -> None:
             raise ChainError(
                 Reason.MALFORMED, f"{what}: authorityKeyIdentifier has no keyIdentifier"
             )
-    elif not (node.self_issued and node.self_signed):
-        # §4.2.1.1: AKI is mandatory except in a self-signed certificate.
+    elif not node.is_anchor and not (node.self_issued and node.self_signed):
+        # §4.2.1.1: AKI is mandatory except in a self-signed certificate. Not
+        # required of the trust anchor: §6.1.1(d) takes only its name and key
+        # as input (x509-limbo cve::cve-2024-0567 trusts a cross-signed root
+        # without AKI).
         raise ChainError(
             Reason.MALFORMED, f"{what} has no authorityKeyIdentifier (RFC 5280 §4.2.1.1)"
         )
@@ -864,22 +872,36 @@ def _check_leaf(node: _Node) -> None:
         raise ChainError(Reason.MALFORMED, f"{what} carries nameConstraints")
 
 
-def _check_path_length(path: list[_Node]) -> None:
-    """RFC 5280 §4.2.1.9 and §6.1.4(l)(m): a CA's pathLenConstraint bounds the
-    non-self-issued intermediates below it; the leaf never counts."""
+def _path_length_violation(
+    path: list[_Node], count_self_issued: bool
+) -> tuple[_Node, int, int] | None:
     below = 0
     for i in range(1, len(path)):
         node = path[i]
         bc_ext = node.ext(ExtensionOID.BASIC_CONSTRAINTS)
         limit = bc_ext.value.path_length if bc_ext is not None else None
         if limit is not None and below > limit:
-            raise ChainError(
-                Reason.PATH_LENGTH,
-                f"{_describe(node.cert)} allows {limit} intermediate CA certificate(s) below it "
-                f"(pathlen:{limit}), the chain has {below}",
-            )
-        if i < len(path) - 1 and not node.self_issued:
+            return node, limit, below
+        if i < len(path) - 1 and (count_self_issued or not node.self_issued):
             below += 1
+    return None
+
+
+def _path_length_ok(path: list[_Node], count_self_issued: bool) -> bool:
+    return _path_length_violation(path, count_self_issued) is None
+
+
+def _check_path_length(path: list[_Node]) -> None:
+    """RFC 5280 §4.2.1.9 and §6.1.4(l)(m): a CA's pathLenConstraint bounds the
+    non-self-issued intermediates below it; the leaf never counts."""
+    found = _path_length_violation(path, count_self_issued=False)
+    if found is not None:
+        node, limit, below = found
+        raise ChainError(
+            Reason.PATH_LENGTH,
+            f"{_describe(node.cert)} allows {limit} intermediate CA certificate(s) below it "
+            f"(pathlen:{limit}), the chain has {below}",
+        )
 
 
 # -- name constraints (RFC 5280 §4.2.1.10, §6.1.3(b)(c), §6.1.4(g)) ---------
@@ -1035,7 +1057,6 @@ def _check_name_syntax(kind: str, name: Any, where: str) -> None:
 def _check_name_constraints(path: list[_Node]) -> None:
     permitted: list[list[tuple[str, Any]]] = []  # one list per constraining CA
     excluded: list[tuple[str, Any]] = []
-    budget = _MAX_NAME_CHECKS
     for i in range(len(path) - 1, -1, -1):
         node = path[i]
         is_leaf = i == 0
@@ -1043,16 +1064,20 @@ def _check_name_constraints(path: list[_Node]) -> None:
             # §6.1.3(b)(c); names of self-issued intermediates are exempt.
             where = f"{_role(i, len(path))} certificate {_describe(node.cert)}"
             names = _names_of(node)
+            # Bounded work (x509-limbo pathological::nc-dos-*): every subject
+            # attribute and SAN entry against every constraint in effect.
+            weight = len(names) + len(node.cert.subject)
+            constraints = len(excluded) + sum(len(g) for g in permitted)
+            if weight * constraints > _MAX_NAME_CHECKS:
+                raise ChainError(
+                    Reason.MALFORMED,
+                    f"{where}: too many names ({weight}) for the name constraints in effect "
+                    f"({constraints}) to check",
+                )
             for kind, name in names:
                 constrained = [b for k, b in excluded if k == kind]
                 for group in permitted:
                     constrained.extend(b for k, b in group if k == kind)
-                budget -= max(1, len(constrained))
-                if budget < 0:
-                    raise ChainError(
-                        Reason.MALFORMED,
-                        f"{where}: too many names and name constraints to check",
-                    )
                 if not constrained:
                     continue
                 if kind not in ("dns", "ip", "email", "dn", "uri"):

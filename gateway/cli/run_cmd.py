@@ -60,6 +60,7 @@ def _install_loop(config: Config) -> None:
 async def _serve(config: Config, *, demo: bool) -> int:
     from gateway.store import open_store
 
+    config.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(config.store_url)
     await store.open()
     if demo and not config.server_cert_path.exists():

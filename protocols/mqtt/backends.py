@@ -457,6 +457,23 @@ class _GatewayAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         return True
 
 
+class _GatewayBroker(Broker):  # type: ignore[misc]
+    """amqtt's broker with its retained-message leak closed.
+
+    On every CONNECT amqtt 0.12 sends the retained messages matching *every*
+    topic filter any session subscribed to (``Broker._handle_client_session``
+    loops over the broker-wide subscription table) -- across tenants, since
+    all tenants share this broker. Only a session's own subscriptions count.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        subscribers = self._subscriptions.get(subscription[0], ())
+        if any(s.client_id == session.client_id for s, _ in subscribers):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
 def embedded_broker_config(session_expiry_interval: int | None) -> dict[str, Any]:
     """The amqtt broker configuration used by :class:`EmbeddedBackend`.
 
@@ -516,7 +533,7 @@ class EmbeddedBackend:
         if self._broker is not None:
             return
         _quiet_amqtt_logging()
-        broker = Broker(embedded_broker_config(self.session_expiry_interval))
+        broker = _GatewayBroker(embedded_broker_config(self.session_expiry_interval))
         try:
             await broker.start()
         except Exception as exc:
