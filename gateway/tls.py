@@ -110,6 +110,14 @@ def _verify_failure_reason(exc: BaseException) -> str:
 READ_LIMIT = 64 * 1024
 
 
+class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
+    """A stream protocol for use under TLS, where half-close is not supported."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
 class _Accepted(asyncio.Protocol):
     """Holds a freshly accepted socket still: reading is paused before any byte
     can arrive, so the ClientHello is left for ``start_tls`` (no race)."""
@@ -205,7 +213,7 @@ class TlsListener:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=READ_LIMIT)
-            protocol = asyncio.StreamReaderProtocol(reader)
+            protocol = _TlsStreamProtocol(reader)
             try:
                 tls_transport = await asyncio.wait_for(
                     loop.start_tls(

@@ -476,6 +476,9 @@ class _Verification:
             raise ChainError(
                 Reason.UNTRUSTED, "the device certificate is self-signed; it needs a trusted issuer"
             )
+        # Path-independent defects of the device certificate come first: they
+        # say more than "no path" would.
+        _check_encoding(leaf, role="device")
         for path in self._paths([leaf], {leaf.key_id}):
             self.paths += 1
             try:
@@ -498,11 +501,15 @@ class _Verification:
         inters = self.pool.get(node.issuer, [])
         out: list[_Node] = []
         for group in (anchors, inters):
-            matching = [c for c in group if _aki_matches(node, c)]
-            # Currently valid candidates first ("chain of pain", x509-limbo
-            # pathological::multiple-chains-expired-intermediate).
-            matching.sort(key=lambda c: not _valid_at(c.cert, self.now))
-            out.extend(matching)
+            # Candidates whose SKI matches the AKI first (RFC 5280 §4.2.1.1; a
+            # mismatch is reported by _check_issuer), then currently valid ones
+            # ("chain of pain", x509-limbo multiple-chains-expired-intermediate).
+            out.extend(
+                sorted(
+                    group,
+                    key=lambda c: (not _aki_matches(node, c), not _valid_at(c.cert, self.now)),
+                )
+            )
         return out
 
     def _paths(self, path: list[_Node], keys: set[bytes]) -> Iterator[list[_Node]]:
@@ -612,8 +619,8 @@ def _check_path(path: list[_Node], now: datetime, policy: VerifyPolicy) -> None:
             Reason.CHAIN_TOO_LONG,
             f"the chain has {counted} certificates, at most {policy.max_chain_length} are accepted",
         )
-    for i, node in enumerate(path):
-        _check_encoding(node, role=_role(i, n))
+    for i in range(1, n):  # the device certificate was checked before the search
+        _check_encoding(path[i], role=_role(i, n))
     for i, node in enumerate(path):
         _check_validity(node.cert, now, _role(i, n))
     for i in range(1, n):

@@ -9,9 +9,13 @@ namespace, so nothing here looks at identity.
 * :class:`EmbeddedBackend` -- an amqtt :class:`~amqtt.broker.Broker` in this
   process with a single *external* listener: no socket is opened at all, every
   session is an in-memory duplex pipe, so nothing else on the machine can reach
-  the broker. amqtt speaks MQTT 3.1.1 only (a v5 CONNECT is answered with the
-  3.1.1 CONNACK return code 0x01 "unacceptable protocol version" and the
-  connection closed); the front-end refuses v5 before connecting.
+  the broker. amqtt speaks MQTT 3.1.1 only. Left alone it answers a v5
+  CONNECT without properties with CONNACK 0x01 but hangs on one *with*
+  properties (it parses it as 3.1.1 and waits for bytes that never come), so
+  the backend judges the first packet itself: anything but a 3.1.1 CONNECT is
+  answered with the 3.1.1 CONNACK 0x01 "unacceptable protocol version" (3.1,
+  5.0) or just closed (not a CONNECT), and amqtt never sees it. The front-end
+  refuses v5 on this backend before connecting anyway.
 
 Connection semantics (both backends): :meth:`read` returns ``b""`` once the
 broker closed or the connection was lost or closed locally; :meth:`write` after
@@ -36,11 +40,13 @@ from protocols.mqtt.backend import Backend, BackendConnection
 from protocols.mqtt.codec import Connack, ConnectReturnCode, encode
 
 __all__ = [
+    "DEFAULT_PIPE_LIMIT",
     "READ_CHUNK",
     "BackendError",
     "BackendUnavailable",
     "EmbeddedBackend",
     "UpstreamBackend",
+    "embedded_broker_config",
     "make_backend",
 ]
 
@@ -489,16 +495,22 @@ def embedded_broker_config(session_expiry_interval: int | None) -> dict[str, Any
 
 
 def _quiet_amqtt_logging() -> None:
-    logger = logging.getLogger("amqtt")
-    if logger.level == logging.NOTSET:  # leave an explicit configuration alone
-        logger.setLevel(logging.WARNING)
+    # amqtt logs every connection at INFO, and its state machines (the
+    # ``transitions`` library, used by nothing else here) every state change.
+    for name in ("amqtt", "transitions"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # leave an explicit configuration alone
+            logger.setLevel(logging.WARNING)
 
 
 class EmbeddedBackend:
     """An in-process amqtt broker reachable only through :meth:`connect`.
 
     ``pipe_limit`` bounds the bytes queued in each direction of a session
-    (``drain()`` waits above it, on both the gateway's and amqtt's side).
+    (``drain()`` waits above it, on both the gateway's and amqtt's side). amqtt
+    itself still starts one task per message it delivers, so a device that
+    stops reading makes amqtt's pending deliveries grow: the front-end must
+    close sessions whose device does not keep up.
     ``session_expiry_interval`` (seconds) bounds how long amqtt keeps a
     disconnected ``clean_session=0`` session; ``None`` keeps them forever.
     """

@@ -162,12 +162,6 @@ class MqttFrontend:
         self.version = p.protocol_level
         version = p.protocol_level
         decision = self.decision
-        if version == 5 and not self.allow_v5:
-            return self._refuse_connect(
-                ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
-                "unsupported_version",
-                "MQTT 5 needs the upstream broker backend",
-            )
         if isinstance(decision, Rejection):
             return self._refuse_connect(
                 ReasonCode.NOT_AUTHORIZED, decision.reason.value, decision.message
@@ -186,6 +180,12 @@ class MqttFrontend:
                     "username_mismatch",
                     "MQTT username must be the tenant id of the certificate",
                 )
+        if version == 5 and not self.allow_v5:
+            return self._refuse_connect(
+                ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+                "unsupported_version",
+                "MQTT 5 needs the upstream broker backend",
+            )
         self.tenant = decision.tenant
         self.client_id = p.client_id
         if not p.client_id:
@@ -194,7 +194,7 @@ class MqttFrontend:
             self.client_id = self._assigned_id
         if p.will is not None and not self._topic_allowed(p.will.topic):
             return self._refuse_connect(
-                ReasonCode.NOT_AUTHORIZED if version == 5 else ReasonCode.NOT_AUTHORIZED,
+                ReasonCode.NOT_AUTHORIZED,
                 "forbidden_topic",
                 "will topic is not allowed",
             )

@@ -29,6 +29,7 @@ from protocols.mqtt.backends import (
     make_backend,
 )
 from protocols.mqtt.codec import (
+    EMPTY_PROPERTIES,
     Connack,
     Connect,
     Disconnect,
@@ -133,8 +134,8 @@ class Client:
     ) -> None:
         """Publish and run the whole QoS 1/2 flow."""
         pid = self.pid() if qos else None
-        extra = {} if properties is None else {"properties": properties}
-        await self.send(Publish(topic, payload, qos, retain, packet_id=pid, **extra))
+        props = EMPTY_PROPERTIES if properties is None else properties
+        await self.send(Publish(topic, payload, qos, retain, packet_id=pid, properties=props))
         if pid is not None and qos == 1:
             await self._ack(Puback, pid)
         elif pid is not None and qos == 2:
