@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from gateway.metrics import GatewayMetrics
 from gateway.trust_state import TrustState, peer_chain_der
@@ -126,9 +127,10 @@ class _Accepted(asyncio.Protocol):
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self.listener._spawn(transport)
+        # uvloop's transports do not subclass asyncio.Transport but behave like one
+        tcp = cast(asyncio.Transport, transport)
+        tcp.pause_reading()
+        self.listener._spawn(tcp)
 
     def connection_lost(self, exc: Exception | None) -> None:
         return None

@@ -210,6 +210,7 @@ class _Node:
     """A certificate with the fields path building reads, computed once."""
 
     __slots__ = (
+        "_by_oid",
         "_exts",
         "_self_signed",
         "aki",
@@ -229,6 +230,7 @@ class _Node:
         self.fp = hashlib.sha256(der).digest()
         self.is_anchor = is_anchor
         self._exts: x509.Extensions | ChainError | None = None
+        self._by_oid: dict[x509.ObjectIdentifier, x509.Extension[Any]] | None = None
         self._self_signed: bool | None = None
         try:
             self.raw: _Raw | None = _parse_raw(der)
@@ -285,11 +287,10 @@ class _Node:
         return self._exts
 
     def ext(self, oid: x509.ObjectIdentifier) -> x509.Extension[Any] | None:
-        for e in self.extensions():
-            if e.oid == oid:
-                found: x509.Extension[Any] = e
-                return found
-        return None
+        by_oid = self._by_oid
+        if by_oid is None:
+            by_oid = self._by_oid = {e.oid: e for e in self.extensions()}
+        return by_oid.get(oid)
 
 
 def _signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -640,7 +641,7 @@ def _role(i: int, n: int) -> str:
 def _check_encoding(node: _Node, role: str) -> None:
     """Per-certificate form: RFC 5280 §4.1 and §4.2, plus the spec's key sizes."""
     cert = node.cert
-    what = f"{role} certificate {_describe(cert)}"
+    what = _What(role, cert)
     # §4.1.2.1 and spec ("uploaded as X.509 version 3 certificates"): v3 only.
     if cert.version is not x509.Version.v3:
         raise ChainError(Reason.MALFORMED, f"{what} is not an X.509 v3 certificate")
@@ -707,7 +708,7 @@ def _check_encoding(node: _Node, role: str) -> None:
     _check_key(node, what)
 
 
-def _check_key(node: _Node, what: str) -> None:
+def _check_key(node: _Node, what: _What) -> None:
     """Acceptable keys. Spec ("Introduction to X.509"): RSA of 1024 bits or less
     is not safe; CA/B BR §6.1.5: RSA ≥ 2048 and a multiple of 8; ECDSA on
     P-256/P-384/P-521 with a named curve (RFC 5480 §2.1.1); Ed25519/Ed448. DSA
@@ -763,7 +764,7 @@ def _check_validity(cert: x509.Certificate, now: datetime, role: str) -> None:
 def _check_issuer(child: _Node, parent: _Node, role: str) -> None:
     """Rules for a certificate that signs another one (intermediates and the anchor)."""
     cert = parent.cert
-    what = f"{role} certificate {_describe(cert)}"
+    what = _What(role, cert)
     bc_ext = parent.ext(ExtensionOID.BASIC_CONSTRAINTS)
     # §4.2.1.9, §6.1.4(k); spec: "every certificate which is used to sign
     # another certificate must contain the extension CA:TRUE".
@@ -797,12 +798,18 @@ def _check_issuer(child: _Node, parent: _Node, role: str) -> None:
         _check_aki_link(parent, parent, what)
 
 
-def _check_aki_link(child: _Node, parent: _Node, what: str) -> None:
+def _check_aki_link(child: _Node, parent: _Node, what: _What) -> None:
     aki_ext = child.ext(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
     if aki_ext is None:
         return
     aki: x509.AuthorityKeyIdentifier = aki_ext.value
     if aki.key_identifier is not None and parent.ski not in (None, aki.key_identifier):
+        if not _signed_by(child.cert, parent.cert):
+            raise ChainError(
+                Reason.BAD_SIGNATURE,
+                f"{_describe(child.cert)} is not signed by the key of {what} "
+                "(its authorityKeyIdentifier names another key)",
+            )
         raise ChainError(
             Reason.MALFORMED,
             f"{what}: authorityKeyIdentifier of {_describe(child.cert)} does not match "
@@ -821,7 +828,7 @@ def _check_aki_link(child: _Node, parent: _Node, what: str) -> None:
             )
 
 
-def _check_eku(node: _Node, what: str, leaf: bool) -> None:
+def _check_eku(node: _Node, what: _What, leaf: bool) -> None:
     ext = node.ext(ExtensionOID.EXTENDED_KEY_USAGE)
     if ext is None:
         return  # §4.2.1.12: no EKU = no restriction
@@ -839,7 +846,7 @@ def _check_eku(node: _Node, what: str, leaf: bool) -> None:
 def _check_leaf(node: _Node) -> None:
     """The device certificate: an end entity able to sign a TLS handshake."""
     cert = node.cert
-    what = f"device certificate {_describe(cert)}"
+    what = _What("device", cert)
     bc_ext = node.ext(ExtensionOID.BASIC_CONSTRAINTS)
     bc: x509.BasicConstraints | None = bc_ext.value if bc_ext is not None else None
     if bc is not None and not bc.ca and bc.path_length is not None:
@@ -1035,7 +1042,7 @@ def _excluded_hit(kind: str, name: Any, base: Any) -> bool:
     return False
 
 
-def _check_constraint_syntax(kind: str, base: Any, where: str) -> None:
+def _check_constraint_syntax(kind: str, base: Any, where: _What) -> None:
     bad = False
     if kind == "dns":
         # §4.2.1.10: DNS constraints are host names (no leading period, no '*').
@@ -1049,7 +1056,7 @@ def _check_constraint_syntax(kind: str, base: Any, where: str) -> None:
         raise ChainError(Reason.MALFORMED, f"{where}: malformed name constraint {base!r}")
 
 
-def _check_name_syntax(kind: str, name: Any, where: str) -> None:
+def _check_name_syntax(kind: str, name: Any, where: _What) -> None:
     bad = False
     if kind == "dns":
         bad = not _valid_dns(name, wildcard_ok=True)
@@ -1069,7 +1076,7 @@ def _check_name_constraints(path: list[_Node]) -> None:
         is_leaf = i == 0
         if (permitted or excluded) and (is_leaf or not node.self_issued):
             # §6.1.3(b)(c); names of self-issued intermediates are exempt.
-            where = f"{_role(i, len(path))} certificate {_describe(node.cert)}"
+            where = _What(_role(i, len(path)), node.cert)
             names = _names_of(node)
             # Bounded work (x509-limbo pathological::nc-dos-*): every subject
             # attribute and SAN entry against every constraint in effect.
@@ -1115,7 +1122,7 @@ def _check_name_constraints(path: list[_Node]) -> None:
         if nc_ext is None:
             continue
         nc: x509.NameConstraints = nc_ext.value
-        where = f"{_role(i, len(path))} certificate {_describe(node.cert)}"
+        where = _What(_role(i, len(path)), node.cert)
         if nc.permitted_subtrees is not None:
             group = [_general_name(g, constraint=True) for g in nc.permitted_subtrees]
             for kind, base in group:
@@ -1193,6 +1200,19 @@ def _check_policies(path: list[_Node]) -> None:
 # ---------------------------------------------------------------------------
 # Messages
 # ---------------------------------------------------------------------------
+
+
+class _What:
+    """ "<role> certificate '<subject>' (serial …)", formatted only for a message."""
+
+    __slots__ = ("cert", "role")
+
+    def __init__(self, role: str, cert: x509.Certificate) -> None:
+        self.role = role
+        self.cert = cert
+
+    def __str__(self) -> str:
+        return f"{self.role} certificate {_describe(self.cert)}"
 
 
 def _name(name: x509.Name) -> str:

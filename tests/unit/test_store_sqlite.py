@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from store_suite import FP1, T0, StoreContract, anchor
+from tests.unit.store_suite import FP1, T0, StoreContract, anchor
 
 from gateway.store.base import NotFound, StoreError, StoreUnavailable
 from gateway.store.migrations import MIGRATIONS, migrate, schema_version
