@@ -65,7 +65,10 @@ class Admission:
                 self.metrics.registrations.inc(identity.tenant, via)
                 log.info(
                     "registered device tenant=%s device=%s via=%s listener=%s",
-                    identity.tenant, identity.device_id, via, identity.listener.value,
+                    identity.tenant,
+                    identity.device_id,
+                    via,
+                    identity.listener.value,
                 )
                 await self._audit(
                     identity,
@@ -107,7 +110,9 @@ class Admission:
             log.warning("could not record provisioned certificate: %s", exc)
             self._last_seen_write.pop(key, None)
 
-    async def _audit(self, identity: DeviceIdentity, now: datetime, activity: str, text: str) -> None:
+    async def _audit(
+        self, identity: DeviceIdentity, now: datetime, activity: str, text: str
+    ) -> None:
         try:
             await self.store.add_audit(
                 AuditRecord(

@@ -139,11 +139,19 @@ class Config:
 
     @property
     def server_cert_path(self) -> Path:
-        return Path(self.tls.server_cert) if self.tls.server_cert else self.data_dir / "demo" / "server.pem"
+        return (
+            Path(self.tls.server_cert)
+            if self.tls.server_cert
+            else self.data_dir / "demo" / "server.pem"
+        )
 
     @property
     def server_key_path(self) -> Path:
-        return Path(self.tls.server_key) if self.tls.server_key else self.data_dir / "demo" / "server.key"
+        return (
+            Path(self.tls.server_key)
+            if self.tls.server_key
+            else self.data_dir / "demo" / "server.key"
+        )
 
 
 _ENV_FIELDS = {

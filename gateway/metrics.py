@@ -56,7 +56,9 @@ class Counter(_Metric):
         return self._values.get(self._key(labels), 0.0)
 
     def render(self) -> list[str]:
-        return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in sorted(self._values.items())]
+        return [
+            f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in sorted(self._values.items())
+        ]
 
 
 class Gauge(_Metric):
@@ -165,7 +167,11 @@ class Registry:
         return m
 
     def histogram(
-        self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Sequence[float] = DEFAULT_BUCKETS
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str] = (),
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> Histogram:
         existing = self._metrics.get(name)
         if isinstance(existing, Histogram):

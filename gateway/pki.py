@@ -216,7 +216,12 @@ def make_device(
     return Issued(b.sign(issuer.key, _sign_alg(issuer.key)), key)
 
 
-def make_server(issuer: Issued, hosts: Sequence[str] = ("localhost",), ips: Sequence[str] = ("127.0.0.1", "::1"), days: float = 825) -> Issued:
+def make_server(
+    issuer: Issued,
+    hosts: Sequence[str] = ("localhost",),
+    ips: Sequence[str] = ("127.0.0.1", "::1"),
+    days: float = 825,
+) -> Issued:
     """A TLS server certificate for the gateway's listeners."""
     return make_device(
         hosts[0] if hosts else "mtls-gateway",

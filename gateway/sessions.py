@@ -76,7 +76,9 @@ class SessionRegistry:
             out[k] = out.get(k, 0) + 1
         return out
 
-    def affected(self, snap: TrustSnapshot, changes: Iterable[Change]) -> list[tuple[Session, Reason, str]]:
+    def affected(
+        self, snap: TrustSnapshot, changes: Iterable[Change]
+    ) -> list[tuple[Session, Reason, str]]:
         """Sessions that the new snapshot no longer allows, with the reason."""
         hits: dict[int, tuple[Session, Reason, str]] = {}
         for ch in changes:
@@ -97,13 +99,21 @@ class SessionRegistry:
                 if user is None or user.enabled:
                     continue
                 for sid in self._by_device.get((ch.tenant, ch.key), set()):
-                    hits[sid] = (self._sessions[sid], Reason.DEVICE_DISABLED, "device user disabled")
+                    hits[sid] = (
+                        self._sessions[sid],
+                        Reason.DEVICE_DISABLED,
+                        "device user disabled",
+                    )
             elif ch.kind in (ChangeKind.ANCHOR, ChangeKind.TENANT):
                 still = {a.fingerprint for a in trust.anchors if a.enabled}
                 for sid in tenant_ids:
                     s = self._sessions[sid]
                     if s.identity.anchor_fingerprint not in still:
-                        hits[sid] = (s, Reason.ANCHOR_DISABLED, "trusted certificate disabled or deleted")
+                        hits[sid] = (
+                            s,
+                            Reason.ANCHOR_DISABLED,
+                            "trusted certificate disabled or deleted",
+                        )
         return list(hits.values())
 
     def kill(self, session: Session, reason: str, message: str) -> None:
@@ -114,7 +124,11 @@ class SessionRegistry:
         ident = session.identity
         log.info(
             "closing session tenant=%s device=%s listener=%s reason=%s: %s",
-            ident.tenant, ident.device_id, ident.listener.value, reason, message,
+            ident.tenant,
+            ident.device_id,
+            ident.listener.value,
+            reason,
+            message,
         )
         task = asyncio.create_task(self._close(session, reason, message))
         self._tasks.add(task)

@@ -100,7 +100,10 @@ def _verify_failure_reason(exc: BaseException) -> str:
         return f"verify_{code}"
     if isinstance(exc, ssl.SSLError):
         lib_reason = (exc.reason or "").lower()
-        if "peer_did_not_return_a_certificate" in lib_reason or "certificate required" in lib_reason:
+        if (
+            "peer_did_not_return_a_certificate" in lib_reason
+            or "certificate required" in lib_reason
+        ):
             return "no_certificate"
         return "tls_error"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
@@ -232,7 +235,10 @@ class TlsListener:
                 self.metrics.handshakes.inc(lname, "rejected", reason)
                 log.info(
                     "handshake failed listener=%s peer=%s reason=%s (%s)",
-                    lname, peer, reason, exc.__class__.__name__,
+                    lname,
+                    peer,
+                    reason,
+                    exc.__class__.__name__,
                 )
                 transport.abort()
                 return

@@ -58,11 +58,18 @@ async def load_snapshot(store: Store) -> TrustSnapshot:
     )
 
 
-async def apply_changes(store: Store, snap: TrustSnapshot, changes: Sequence[Change]) -> TrustSnapshot:
+async def apply_changes(
+    store: Store, snap: TrustSnapshot, changes: Sequence[Change]
+) -> TrustSnapshot:
     """Derive the next snapshot by re-reading only what the changes touched."""
     tenants_to_reload: set[str] = set()
     for ch in changes:
-        if ch.kind in (ChangeKind.TENANT, ChangeKind.ANCHOR, ChangeKind.REVOCATION, ChangeKind.SETTINGS):
+        if ch.kind in (
+            ChangeKind.TENANT,
+            ChangeKind.ANCHOR,
+            ChangeKind.REVOCATION,
+            ChangeKind.SETTINGS,
+        ):
             tenants_to_reload.add(ch.tenant)
         elif ch.kind is ChangeKind.DEVICE:
             try:
@@ -179,7 +186,9 @@ class TrustState:
             return False
         if changes[0].seq > self.snapshot.seq + 1 and self.snapshot.seq > 0:
             # the feed was trimmed past what we saw: resync everything
-            log.warning("change feed gap (%d → %d): full trust resync", self.snapshot.seq, changes[0].seq)
+            log.warning(
+                "change feed gap (%d → %d): full trust resync", self.snapshot.seq, changes[0].seq
+            )
             new = await load_snapshot(self.store)
         else:
             new = await apply_changes(self.store, self.snapshot, changes)
@@ -288,7 +297,11 @@ class TrustState:
         key = h.digest()
         seq = self.snapshot.seq
         hit = self._cache.get(key)
-        if hit is not None and hit.seq == seq and (hit.valid_until is None or now < hit.valid_until):
+        if (
+            hit is not None
+            and hit.seq == seq
+            and (hit.valid_until is None or now < hit.valid_until)
+        ):
             return hit.decision
         try:
             chain = load_der_chain(list(chain_der))

@@ -55,7 +55,14 @@ class Pki:
         write_private(dir / "server.key", server.key_pem())
         return cls(dir, root, inter, server_ca, server)
 
-    def device(self, cn: str, *, issuer: Issued | None = None, chain: Sequence[Issued] | None = None, **kw: object) -> tuple[Path, Path, Issued]:
+    def device(
+        self,
+        cn: str,
+        *,
+        issuer: Issued | None = None,
+        chain: Sequence[Issued] | None = None,
+        **kw: object,
+    ) -> tuple[Path, Path, Issued]:
         """Issue a device certificate; writes ``<cn>.pem`` (leaf+chain) and ``<cn>.key``."""
         issuer = issuer or self.inter
         dev = make_device(cn, issuer, **kw)  # type: ignore[arg-type]
@@ -107,8 +114,14 @@ async def start_gateway(
         await store.create_tenant(t)
     if upload_root and tenants:
         await operations.add_trusted_certificate(
-            store, tenants[0], pki.root.cert_pem().decode(), "root", Status.ENABLED,
-            auto_registration, now, "test",
+            store,
+            tenants[0],
+            pki.root.cert_pem().decode(),
+            "root",
+            Status.ENABLED,
+            auto_registration,
+            now,
+            "test",
         )
     base = config or load_config(env={})
     listeners = replace(
@@ -120,7 +133,11 @@ async def start_gateway(
         base,
         data_dir=tmp,
         listeners=listeners,
-        tls=replace(base.tls, server_cert=str(pki.dir / "server.pem"), server_key=str(pki.dir / "server.key")),
+        tls=replace(
+            base.tls,
+            server_cert=str(pki.dir / "server.pem"),
+            server_key=str(pki.dir / "server.key"),
+        ),
         mqtt=replace(base.mqtt, backend=mqtt_backend, upstream_port=upstream_port),  # type: ignore[arg-type]
         trust=replace(base.trust, refresh_interval=0.1),
     )
@@ -154,12 +171,21 @@ async def run(cmd: Sequence[str], timeout: float = 15.0, input: bytes | None = N
     except TimeoutError:
         proc.kill()
         out, err = await proc.communicate()
-        return ProcResult(-9, out.decode(errors="replace"), err.decode(errors="replace") + "\n[timeout]")
+        return ProcResult(
+            -9, out.decode(errors="replace"), err.decode(errors="replace") + "\n[timeout]"
+        )
     assert proc.returncode is not None
     return ProcResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
-def mosquitto_args(port: int, cafile: str, cert: Path | None, key: Path | None, client_id: str | None, version: str = "mqttv311") -> list[str]:
+def mosquitto_args(
+    port: int,
+    cafile: str,
+    cert: Path | None,
+    key: Path | None,
+    client_id: str | None,
+    version: str = "mqttv311",
+) -> list[str]:
     args = ["-h", "127.0.0.1", "-p", str(port), "--cafile", cafile, "-V", version]
     if cert is not None and key is not None:
         args += ["--cert", str(cert), "--key", str(key)]
@@ -169,8 +195,30 @@ def mosquitto_args(port: int, cafile: str, cert: Path | None, key: Path | None, 
     return args
 
 
-async def mqtt_pub(port: int, cafile: str, cert: Path | None, key: Path | None, client_id: str | None, topic: str, message: str, *extra: str, version: str = "mqttv311", timeout: float = 10) -> ProcResult:
-    return await run(["mosquitto_pub", *mosquitto_args(port, cafile, cert, key, client_id, version), "-t", topic, "-m", message, *extra], timeout)
+async def mqtt_pub(
+    port: int,
+    cafile: str,
+    cert: Path | None,
+    key: Path | None,
+    client_id: str | None,
+    topic: str,
+    message: str,
+    *extra: str,
+    version: str = "mqttv311",
+    timeout: float = 10,
+) -> ProcResult:
+    return await run(
+        [
+            "mosquitto_pub",
+            *mosquitto_args(port, cafile, cert, key, client_id, version),
+            "-t",
+            topic,
+            "-m",
+            message,
+            *extra,
+        ],
+        timeout,
+    )
 
 
 class Subscriber:
@@ -181,10 +229,26 @@ class Subscriber:
         self.lines: list[str] = []
 
     @classmethod
-    async def start(cls, port: int, cafile: str, cert: Path, key: Path, client_id: str, topic: str, *extra: str, version: str = "mqttv311") -> Subscriber:
+    async def start(
+        cls,
+        port: int,
+        cafile: str,
+        cert: Path,
+        key: Path,
+        client_id: str,
+        topic: str,
+        *extra: str,
+        version: str = "mqttv311",
+    ) -> Subscriber:
         proc = await asyncio.create_subprocess_exec(
-            "mosquitto_sub", *mosquitto_args(port, cafile, cert, key, client_id, version), "-t", topic, "-v", *extra,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "mosquitto_sub",
+            *mosquitto_args(port, cafile, cert, key, client_id, version),
+            "-t",
+            topic,
+            "-v",
+            *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         return cls(proc)
 
@@ -243,8 +307,12 @@ class Mosquitto:
 
     def start(self) -> None:
         conf = self.tmp / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for _ in range(200):
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):

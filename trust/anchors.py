@@ -43,10 +43,13 @@ def validate_upload(
     if not is_ca(cert):
         raise UploadError("not_ca", "certificate must have BasicConstraints CA:true")
     if cert.not_valid_after_utc <= now:
-        raise UploadError("expired", f"certificate expired on {cert.not_valid_after_utc.isoformat()}")
+        raise UploadError(
+            "expired", f"certificate expired on {cert.not_valid_after_utc.isoformat()}"
+        )
     if cert.not_valid_before_utc > now:
         raise UploadError(
-            "not_yet_valid", f"certificate is not valid before {cert.not_valid_before_utc.isoformat()}"
+            "not_yet_valid",
+            f"certificate is not valid before {cert.not_valid_before_utc.isoformat()}",
         )
     for other in same_certificate:
         if other.tenant == tenant:
@@ -55,7 +58,8 @@ def validate_upload(
         if other.proof_of_possession_valid:
             raise UploadError(
                 "owned_elsewhere",
-                "certificate is already uploaded by another tenant that proved possession of its key",
+                "certificate is already uploaded by another tenant "
+                "that proved possession of its key",
             )
     return cert
 
@@ -63,7 +67,9 @@ def validate_upload(
 def parse_upload(pem: str) -> x509.Certificate:
     """Exactly one PEM certificate, else :class:`UploadError` (rule ``pem``)."""
     if "-----BEGIN" not in pem:
-        raise UploadError("pem", "certInPemFormat must be a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        raise UploadError(
+            "pem", "certInPemFormat must be a PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )
     try:
         return load_certificate(_normalise_pem(pem))
     except CertificateError as exc:

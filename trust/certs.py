@@ -21,7 +21,8 @@ MAX_PEM_BYTES = 1 << 20
 """Upper bound on one PEM/DER upload: a chain of ten 4096-bit certificates fits easily."""
 
 _PEM_BLOCK = re.compile(
-    rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.+?)-----END (?:X509 |TRUSTED )?CERTIFICATE-----",
+    rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.+?)"
+    rb"-----END (?:X509 |TRUSTED )?CERTIFICATE-----",
     re.DOTALL,
 )
 
@@ -49,7 +50,9 @@ def load_certificates(data: bytes | str) -> list[x509.Certificate]:
             try:
                 certs.append(x509.load_pem_x509_certificate(m.group(0)))
             except Exception as exc:  # cryptography raises ValueError or Rust panics as others
-                raise CertificateError(f"certificate {i} in PEM is malformed: {_short(exc)}") from None
+                raise CertificateError(
+                    f"certificate {i} in PEM is malformed: {_short(exc)}"
+                ) from None
         return certs
     try:
         return [x509.load_der_x509_certificate(raw)]
@@ -72,7 +75,9 @@ def load_der_chain(ders: list[bytes]) -> list[x509.Certificate]:
         try:
             out.append(x509.load_der_x509_certificate(der))
         except Exception as exc:
-            raise CertificateError(f"certificate {i} of the chain is malformed: {_short(exc)}") from None
+            raise CertificateError(
+                f"certificate {i} of the chain is malformed: {_short(exc)}"
+            ) from None
     return out
 
 

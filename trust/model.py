@@ -251,5 +251,5 @@ def device_username(device_id: str) -> str:
 
 
 def valid_tenant_id(tenant: str) -> bool:
-    """Tenant ids: 1–64 of ``[A-Za-z0-9_-]`` (safe in topics, paths and keys)."""
+    """Tenant ids: 1 to 64 of ``[A-Za-z0-9_-]`` (safe in topics, paths and keys)."""
     return bool(TENANT_ID_RE.fullmatch(tenant))

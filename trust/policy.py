@@ -16,7 +16,7 @@ devices using certificates", "Perform a proof of possession", "CRL settings"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
@@ -55,7 +55,7 @@ _REASON_PRIORITY = {
 class DecisionPolicy:
     """Gateway-wide knobs of the decision (from configuration)."""
 
-    verify: VerifyPolicy = VerifyPolicy()
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
     require_anchor_in_chain: bool = True
     """Spec: the presented chain must contain a trusted certificate, unless the
     device presents only its own certificate and its issuer is trusted."""
@@ -108,7 +108,8 @@ def decide(
     if not by_tenant:
         return Rejection(
             Reason.UNTRUSTED,
-            "no trusted certificate in the presented chain (nor its issuer, for a lone certificate)",
+            "no trusted certificate in the presented chain "
+            "(nor its issuer, for a lone certificate)",
             device_id=cn,
         )
 
@@ -141,7 +142,9 @@ def decide(
                 tenant=disabled_only[0] if len(disabled_only) == 1 else None,
                 device_id=cn,
             )
-        return Rejection(Reason.UNTRUSTED, "chain does not lead to a trusted certificate", device_id=cn)
+        return Rejection(
+            Reason.UNTRUSTED, "chain does not lead to a trusted certificate", device_id=cn
+        )
 
     if len(validated) > 1:
         # Spec ("Perform a proof of possession"): prefer the tenant whose anchor's
@@ -164,7 +167,8 @@ def decide(
                 role = _role(position, len(chain.certificates))
                 return Rejection(
                     Reason.REVOKED,
-                    f"{role} certificate serial {cert.serial_number:x} is revoked in tenant {tenant}",
+                    f"{role} certificate serial {cert.serial_number:x} "
+                    f"is revoked in tenant {tenant}",
                     tenant=tenant,
                     device_id=cn,
                 )
@@ -211,10 +215,15 @@ def _registration(
             )
         return Registration.EXISTING
     if listener is Listener.MQTT_SERVICE:
-        return Registration.NONE  # spec: "Device registration does not occur when using the MQTT Service"
+        return (
+            Registration.NONE
+        )  # spec: "Device registration does not occur when using the MQTT Service"
     if listener is Listener.LWM2M:
         return Rejection(
-            Reason.NOT_REGISTERED, f"LWM2M endpoint {cn} is not registered", tenant=tenant, device_id=cn
+            Reason.NOT_REGISTERED,
+            f"LWM2M endpoint {cn} is not registered",
+            tenant=tenant,
+            device_id=cn,
         )
     if snap.pending_registration(tenant, cn) is not None:
         return Registration.BULK

@@ -18,7 +18,9 @@ from trust.model import RevocationEntry
 
 MAX_BULK_ENTRIES = 5000
 MAX_CSV_BYTES = 2 << 20
-CSV_TEMPLATE = "serialNumberInHex,revocationDate\n0b8a5b9dd501a88775399b9a048811a3,2024-01-17T10:48:51.000Z\n"
+CSV_TEMPLATE = (
+    "serialNumberInHex,revocationDate\n0b8a5b9dd501a88775399b9a048811a3,2024-01-17T10:48:51.000Z\n"
+)
 
 _SERIAL_HEADERS = {"serialnumberinhex", "serialnumber", "serial", "serial number"}
 _DATE_HEADERS = {"revocationdate", "date", "revocation date"}

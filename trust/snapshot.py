@@ -55,7 +55,7 @@ class TenantTrust:
     tenant: str
     anchors: tuple[Anchor, ...] = ()
     revoked: frozenset[int] = frozenset()
-    settings: RevocationSettings = RevocationSettings()
+    settings: RevocationSettings = field(default_factory=RevocationSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +105,9 @@ class TrustSnapshot:
         }
         dev = {(d.tenant, d.device_id): d for d in devices}
         pend = {(p.tenant, p.device_id): p for p in pending}
-        return cls(seq=seq, devices=dev, pending=pend, device_tenants=_device_index(dev)).with_tenants(
-            tenant_map
-        )
+        return cls(
+            seq=seq, devices=dev, pending=pend, device_tenants=_device_index(dev)
+        ).with_tenants(tenant_map)
 
     def with_tenants(self, tenants: Mapping[str, TenantTrust]) -> TrustSnapshot:
         """A copy with tenant trust replaced (and the anchor indexes rebuilt)."""

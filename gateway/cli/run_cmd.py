@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--data-dir", type=Path, help="data directory (default ./var)")
     p.add_argument("--store", help="store URL (sqlite:///path.db or redis://host:port/db)")
-    p.add_argument("--no-demo", action="store_true", help="do not create the demo PKI on first start")
+    p.add_argument(
+        "--no-demo", action="store_true", help="do not create the demo PKI on first start"
+    )
     p.set_defaults(handler=_run)
 
 

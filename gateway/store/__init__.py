@@ -22,4 +22,6 @@ def open_store(url: str) -> Store:
             raise StoreError("the Redis store is not available in this build") from None
         store: Store = RedisStore(url)
         return store
-    raise StoreError(f"unsupported store URL {url!r}: use sqlite:///path.db or redis://host:port/db")
+    raise StoreError(
+        f"unsupported store URL {url!r}: use sqlite:///path.db or redis://host:port/db"
+    )

@@ -26,8 +26,8 @@ from protocols.mqtt.codec import (
     Packet,
     Properties,
     Puback,
-    Pubrec,
     Publish,
+    Pubrec,
     ReasonCode,
     Suback,
     Subscribe,
@@ -120,6 +120,12 @@ class MqttFrontend:
         # SUBSCRIBE packet id -> positions refused by the gateway (merged into SUBACK)
         self._refused_subs: dict[int, list[tuple[int, int]]] = {}
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection must end (read through a method so mypy
+        does not narrow ``state`` across calls that change it)."""
+        return self.state is State.CLOSED
+
     # device → gateway ----------------------------------------------------------
     def device_data(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED:
@@ -130,22 +136,20 @@ class MqttFrontend:
             events: list[Event] = []
             for p in exc.packets:
                 events += self._device_packet(p)
-                if self.state is State.CLOSED:
+                if self.closed:
                     return events
             return events + self._protocol_error(exc)
         out: list[Event] = []
         for p in packets:
             out += self._device_packet(p)
-            if self.state is State.CLOSED:
+            if self.closed:
                 break
         return out
 
     def _protocol_error(self, exc: MqttProtocolError) -> list[Event]:
         self.state, was = State.CLOSED, self.state
-        if was is State.AWAIT_CONNECT:
-            data = connack_for_error(exc)
-        else:
-            data = disconnect_for_error(exc)
+        first = was is State.AWAIT_CONNECT
+        data = connack_for_error(exc) if first else disconnect_for_error(exc)
         events: list[Event] = [SendDevice(data)] if data else []
         return [*events, Close("malformed", exc.message)]
 
@@ -171,15 +175,15 @@ class MqttFrontend:
                 return self._refuse_connect(
                     ReasonCode.NOT_AUTHORIZED,
                     "client_id_mismatch",
-                    f"ClientId {p.client_id!r} must equal the certificate CN {decision.device_id!r}",
+                    f"ClientId {p.client_id!r} must equal the certificate CN "
+                    f"{decision.device_id!r}",
                 )
-        elif self.listener is Listener.MQTT_SERVICE:
-            if p.username != decision.tenant:
-                return self._refuse_connect(
-                    ReasonCode.NOT_AUTHORIZED,
-                    "username_mismatch",
-                    "MQTT username must be the tenant id of the certificate",
-                )
+        elif self.listener is Listener.MQTT_SERVICE and p.username != decision.tenant:
+            return self._refuse_connect(
+                ReasonCode.NOT_AUTHORIZED,
+                "username_mismatch",
+                "MQTT username must be the tenant id of the certificate",
+            )
         if version == 5 and not self.allow_v5:
             return self._refuse_connect(
                 ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,

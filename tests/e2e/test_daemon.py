@@ -31,13 +31,22 @@ async def test_run_generates_demo_and_serves_mqtt(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(CONFIG)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--data-dir", str(data), "--config", str(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--data-dir",
+        str(data),
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
     ports: dict[str, int] = {}
     log: list[str] = []
     try:
+
         async def ready() -> None:
             while True:
                 line = (await proc.stdout.readline()).decode()  # type: ignore[union-attr]
@@ -55,28 +64,60 @@ async def test_run_generates_demo_and_serves_mqtt(tmp_path: Path) -> None:
         demo = data / "demo"
         ca = str(demo / "server-ca.pem")
         sub = await Subscriber.start(
-            ports["mqtt"], ca, demo / "device-0001.pem", demo / "device-0001.key", "device-0001", "demo/#"
+            ports["mqtt"],
+            ca,
+            demo / "device-0001.pem",
+            demo / "device-0001.key",
+            "device-0001",
+            "demo/#",
         )
         try:
             await asyncio.sleep(1.0)
             r = await mqtt_pub(
-                ports["mqtt"], ca, demo / "device-0002.pem", demo / "device-0002.key", "device-0002",
-                "demo/hello", "hi",
+                ports["mqtt"],
+                ca,
+                demo / "device-0002.pem",
+                demo / "device-0002.key",
+                "device-0002",
+                "demo/hello",
+                "hi",
             )
             assert r.returncode == 0, r.stderr
             assert await sub.next_line() == "demo/hello hi"
         finally:
             await sub.stop()
         listed = await run(
-            [sys.executable, "-m", "gateway", "devices", "list", "--tenant", "demo",
-             "--data-dir", str(data), "--json"], timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "devices",
+                "list",
+                "--tenant",
+                "demo",
+                "--data-dir",
+                str(data),
+                "--json",
+            ],
+            timeout=30,
         )
         assert listed.returncode == 0, listed.stderr
         ids = {d["deviceId"] for d in json.loads(listed.stdout)}
         assert {"device-0001", "device-0002"} <= ids
         verify = await run(
-            [sys.executable, "-m", "gateway", "trust", "verify", str(demo / "device-0003.pem"),
-             "--tenant", "demo", "--data-dir", str(data)], timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "trust",
+                "verify",
+                str(demo / "device-0003.pem"),
+                "--tenant",
+                "demo",
+                "--data-dir",
+                str(data),
+            ],
+            timeout=30,
         )
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:

@@ -7,6 +7,7 @@ and drives it with ``mosquitto_pub`` / ``mosquitto_sub`` using certificates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,7 +58,9 @@ async def device_exists(rg: RunningGateway, tenant: str, device: str) -> bool:
         return False
 
 
-async def test_publish_subscribe_and_first_connect_registration(gw: RunningGateway, pki: Pki) -> None:
+async def test_publish_subscribe_and_first_connect_registration(
+    gw: RunningGateway, pki: Pki
+) -> None:
     cert1, key1, _ = pki.device("device-0001")
     cert2, key2, _ = pki.device("device-0002")
     assert not await device_exists(gw, "t1", "device-0001")
@@ -65,7 +68,9 @@ async def test_publish_subscribe_and_first_connect_registration(gw: RunningGatew
     try:
         assert await wait_until(lambda: device_exists(gw, "t1", "device-0001"))
         await asyncio.sleep(0.3)  # let SUBACK settle at the broker
-        r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert2, key2, "device-0002", "sensors/temp", "21.5")
+        r = await mqtt_pub(
+            gw.mqtt_port, gw.cafile, cert2, key2, "device-0002", "sensors/temp", "21.5"
+        )
         assert r.returncode == 0, r.stderr
         assert await sub.next_line() == "sensors/temp 21.5"
     finally:
@@ -74,7 +79,10 @@ async def test_publish_subscribe_and_first_connect_registration(gw: RunningGatew
     assert user.enabled and user.registered_via == "auto"
     provisioned = await gw.store.list_provisioned_certificates("t1", "device-0001")
     assert len(provisioned) == 1
-    records, _ = await gw.store.list_audit(__import__("gateway.store.base", fromlist=["AuditQuery"]).AuditQuery(tenant="t1"), __import__("gateway.store.base", fromlist=["Page"]).Page(100, 1))
+    records, _ = await gw.store.list_audit(
+        __import__("gateway.store.base", fromlist=["AuditQuery"]).AuditQuery(tenant="t1"),
+        __import__("gateway.store.base", fromlist=["Page"]).Page(100, 1),
+    )
     assert any("device_device-0001" in r.text for r in records)
 
 
@@ -83,7 +91,9 @@ async def test_wrong_client_id_is_not_authorized(gw: RunningGateway, pki: Pki) -
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "someone-else", "x", "1")
     assert refused(r)
     assert "not authori" in r.stderr.lower()
-    r5 = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "someone-else", "x", "1", version="mqttv5")
+    r5 = await mqtt_pub(
+        gw.mqtt_port, gw.cafile, cert, key, "someone-else", "x", "1", version="mqttv5"
+    )
     assert refused(r5)
     assert "not authori" in r5.stderr.lower()
     assert not await device_exists(gw, "t1", "dev-a")
@@ -114,7 +124,9 @@ async def test_expired_device_certificate_is_refused(gw: RunningGateway, pki: Pk
 async def test_revoked_device_and_revoked_intermediate(gw: RunningGateway, pki: Pki) -> None:
     cert, key, dev = pki.device("rev-dev")
     await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
-    await operations.add_revocations(gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test")
+    await operations.add_revocations(
+        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+    )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "rev-dev", "x", "1")
     assert refused(r) and "not authori" in r.stderr.lower()
@@ -133,11 +145,15 @@ async def test_revoked_device_and_revoked_intermediate(gw: RunningGateway, pki: 
 async def test_disabled_anchor_refuses(gw: RunningGateway, pki: Pki) -> None:
     cert, key, _ = pki.device("dev-dis")
     fp = (await gw.store.list_trusted_certificates("t1"))[0].fingerprint
-    await operations.update_trusted_certificate(gw.store, "t1", fp, NOW, "test", status=Status.DISABLED)
+    await operations.update_trusted_certificate(
+        gw.store, "t1", fp, NOW, "test", status=Status.DISABLED
+    )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "dev-dis", "x", "1")
     assert refused(r)
-    await operations.update_trusted_certificate(gw.store, "t1", fp, NOW, "test", status=Status.ENABLED)
+    await operations.update_trusted_certificate(
+        gw.store, "t1", fp, NOW, "test", status=Status.ENABLED
+    )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "dev-dis", "x", "1")
     assert r.returncode == 0, r.stderr
@@ -162,7 +178,9 @@ async def test_auto_registration_off_requires_bulk_registration(tmp_path: Path, 
         await stop_gateway(rg)
 
 
-async def test_service_port_requires_tenant_username_and_registers_nobody(gw: RunningGateway, pki: Pki) -> None:
+async def test_service_port_requires_tenant_username_and_registers_nobody(
+    gw: RunningGateway, pki: Pki
+) -> None:
     cert, key, _ = pki.device("svc-dev")
     ok = await mqtt_pub(gw.service_port, gw.cafile, cert, key, "any-client", "x", "1", "-u", "t1")
     assert ok.returncode == 0, ok.stderr
@@ -178,7 +196,14 @@ async def test_cross_tenant_isolation(tmp_path: Path, pki: Pki) -> None:
     try:
         other = Pki.create(tmp_path / "t2pki", name="Tenant2")
         await operations.add_trusted_certificate(
-            rg.store, "t2", other.root.cert_pem().decode(), "t2 root", Status.ENABLED, True, NOW, "test"
+            rg.store,
+            "t2",
+            other.root.cert_pem().decode(),
+            "t2 root",
+            Status.ENABLED,
+            True,
+            NOW,
+            "test",
         )
         await rg.wait_refreshed()
         a_cert, a_key, _ = pki.device("alice")
@@ -190,7 +215,9 @@ async def test_cross_tenant_isolation(tmp_path: Path, pki: Pki) -> None:
             assert await wait_until(lambda: device_exists(rg, "t2", "bob"))
             assert await wait_until(lambda: device_exists(rg, "t1", "alice"))
             await asyncio.sleep(0.3)
-            r = await mqtt_pub(rg.mqtt_port, rg.cafile, b2_cert, b2_key, "bob2", "shared/topic", "from-t2")
+            r = await mqtt_pub(
+                rg.mqtt_port, rg.cafile, b2_cert, b2_key, "bob2", "shared/topic", "from-t2"
+            )
             assert r.returncode == 0, r.stderr
             assert await sub_b.next_line() == "shared/topic from-t2"
             with pytest.raises(TimeoutError):
@@ -210,7 +237,9 @@ async def _live_session_closed_by(gw: RunningGateway, pki: Pki, cn: str, action)
     cert, key, dev = pki.device(cn)
     sub = await Subscriber.start(gw.mqtt_port, gw.cafile, cert, key, cn, "t/#")
     try:
-        assert await wait_until(lambda: len(gw.gateway.registry) >= 1 and device_exists(gw, "t1", cn))
+        assert await wait_until(
+            lambda: len(gw.gateway.registry) >= 1 and device_exists(gw, "t1", cn)
+        )
         await asyncio.sleep(0.2)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -229,7 +258,9 @@ async def test_live_session_closed_after_revocation(gw: RunningGateway, pki: Pki
     await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
 
     async def revoke(dev) -> None:  # type: ignore[no-untyped-def]
-        await operations.add_revocations(gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test")
+        await operations.add_revocations(
+            gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+        )
 
     elapsed = await _live_session_closed_by(gw, pki, "live-rev", revoke)
     assert elapsed < 1.0
@@ -253,14 +284,29 @@ async def test_anchor_added_by_cli_while_running(tmp_path: Path, pki: Pki) -> No
         r = await mqtt_pub(rg.mqtt_port, rg.cafile, cert, key, "late", "x", "1")
         assert refused(r)
         res = await run(
-            [sys.executable, "-m", "gateway", "anchors", "add", str(pki.dir / "root.pem"),
-             "--tenant", "t1", "--data-dir", str(tmp_path), "--store", rg.config.store_url],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "anchors",
+                "add",
+                str(pki.dir / "root.pem"),
+                "--tenant",
+                "t1",
+                "--data-dir",
+                str(tmp_path),
+                "--store",
+                rg.config.store_url,
+            ],
             timeout=30,
         )
         assert res.returncode == 0, res.stderr
+
         # no explicit refresh: the running gateway follows the change feed by itself
         async def accepted() -> bool:
-            return (await mqtt_pub(rg.mqtt_port, rg.cafile, cert, key, "late", "x", "1")).returncode == 0
+            return (
+                await mqtt_pub(rg.mqtt_port, rg.cafile, cert, key, "late", "x", "1")
+            ).returncode == 0
 
         assert await wait_until(accepted, timeout=3, interval=0.2)
     finally:
@@ -282,22 +328,71 @@ async def test_qos_retained_and_will(tmp_path: Path, pki: Pki, backend: str) -> 
             s_cert, s_key, _ = pki.device(f"sub-{version}")
             p_cert, p_key, _ = pki.device(f"pub-{version}")
             # retained message first, then a late subscriber receives it
-            r = await mqtt_pub(rg.mqtt_port, rg.cafile, p_cert, p_key, f"pub-{version}", f"r/{version}", "kept", "-r", "-q", "1", version=version)
+            r = await mqtt_pub(
+                rg.mqtt_port,
+                rg.cafile,
+                p_cert,
+                p_key,
+                f"pub-{version}",
+                f"r/{version}",
+                "kept",
+                "-r",
+                "-q",
+                "1",
+                version=version,
+            )
             assert r.returncode == 0, r.stderr
-            sub = await Subscriber.start(rg.mqtt_port, rg.cafile, s_cert, s_key, f"sub-{version}", f"r/{version}", "-t", "q/#", "-t", "status/#", "-q", "2", version=version)
+            sub = await Subscriber.start(
+                rg.mqtt_port,
+                rg.cafile,
+                s_cert,
+                s_key,
+                f"sub-{version}",
+                f"r/{version}",
+                "-t",
+                "q/#",
+                "-t",
+                "status/#",
+                "-q",
+                "2",
+                version=version,
+            )
             try:
                 assert await sub.next_line() == f"r/{version} kept"
                 for qos in ("0", "1", "2"):
-                    r = await mqtt_pub(rg.mqtt_port, rg.cafile, p_cert, p_key, f"pub-{version}", f"q/{qos}", f"m{qos}", "-q", qos, version=version)
+                    r = await mqtt_pub(
+                        rg.mqtt_port,
+                        rg.cafile,
+                        p_cert,
+                        p_key,
+                        f"pub-{version}",
+                        f"q/{qos}",
+                        f"m{qos}",
+                        "-q",
+                        qos,
+                        version=version,
+                    )
                     assert r.returncode == 0, r.stderr
                     assert await sub.next_line() == f"q/{qos} m{qos}"
                 # last will: a client killed without DISCONNECT
                 w_cert, w_key, _ = pki.device(f"will-{version}")
                 will_client = await Subscriber.start(
-                    rg.mqtt_port, rg.cafile, w_cert, w_key, f"will-{version}", "nothing",
-                    "--will-topic", "status/will", "--will-payload", "gone", "-k", "5", version=version,
+                    rg.mqtt_port,
+                    rg.cafile,
+                    w_cert,
+                    w_key,
+                    f"will-{version}",
+                    "nothing",
+                    "--will-topic",
+                    "status/will",
+                    "--will-payload",
+                    "gone",
+                    "-k",
+                    "5",
+                    version=version,
                 )
-                assert await wait_until(lambda: device_exists(rg, "t1", f"will-{version}"))
+                will_id = f"will-{version}"
+                assert await wait_until(lambda w=will_id: device_exists(rg, "t1", w))
                 await asyncio.sleep(0.3)
                 will_client.proc.kill()
                 await will_client.proc.wait()
@@ -326,10 +421,12 @@ async def test_connection_flood_is_refused_cleanly(tmp_path: Path, pki: Pki) -> 
             # flood: many raw TCP connections that never handshake
             socks = []
             for _ in range(20):
-                try:
-                    socks.append(await asyncio.wait_for(asyncio.open_connection("127.0.0.1", rg.mqtt_port), 2))
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    socks.append(
+                        await asyncio.wait_for(
+                            asyncio.open_connection("127.0.0.1", rg.mqtt_port), 2
+                        )
+                    )
             await asyncio.sleep(0.3)
             assert rg.gateway.metrics.refused.value("mqtt", "max_connections") >= 10
             for _, w in socks:

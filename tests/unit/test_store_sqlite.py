@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.unit.store_suite import FP1, T0, StoreContract, anchor
 
 from gateway.store.base import NotFound, StoreError, StoreUnavailable
 from gateway.store.migrations import MIGRATIONS, migrate, schema_version
 from gateway.store.sqlite import SqliteStore, decode_time, encode_time, from_url
+from tests.unit.store_suite import FP1, T0, StoreContract, anchor
 from trust.model import ChangeKind, RevocationEntry, RevocationSettings, Status
 
 ROOT = Path(__file__).resolve().parents[2]
