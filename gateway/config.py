@@ -8,6 +8,7 @@ for paths and secrets) < command-line options. Every field is documented in
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -35,6 +36,8 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ListenersConfig:
+    """The sockets the gateway opens (``[listeners.<name>]``)."""
+
     mqtt: ListenerConfig = ListenerConfig(port=8883)
     """Core MQTT: ClientId must equal the certificate CN; registration on first connect."""
     mqtt_service: ListenerConfig = ListenerConfig(port=9883)
@@ -49,6 +52,8 @@ class ListenersConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
+    """The gateway's own TLS server identity and protocol settings (``[tls]``)."""
+
     server_cert: str = ""
     """Server certificate chain (PEM). Empty: ``<data_dir>/demo/server.pem``."""
     server_key: str = ""
@@ -63,6 +68,8 @@ class TlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    """Bounds that protect the gateway from slow, greedy or hostile peers (``[limits]``)."""
+
     handshake_timeout: float = 10.0
     """Seconds a peer has to complete the TLS handshake (and MQTT CONNECT)."""
     max_connections: int = 10000
@@ -77,6 +84,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class TrustConfig:
+    """Chain policy and the in-memory trust snapshot (``[trust]``)."""
+
     max_chain_length: int = 10
     """Largest number of certificates in a verified chain, device and anchor included."""
     require_anchor_in_chain: bool = True
@@ -91,6 +100,8 @@ class TrustConfig:
 
 @dataclass(frozen=True, slots=True)
 class MqttConfig:
+    """The MQTT broker behind the MQTT front-ends (``[mqtt]``)."""
+
     backend: Literal["embedded", "upstream"] = "embedded"
     """``embedded``: in-process amqtt broker (MQTT 3.1.1 only, for demos and small
     sites); ``upstream``: any MQTT broker over TCP (production, MQTT 5)."""
@@ -108,10 +119,28 @@ class MqttConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
+    """Log output on stderr (``[logging]``); applied again on SIGHUP."""
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
     format: Literal["console", "json"] = "console"
     """``console`` for people, ``json`` (one object per line) for log shippers."""
+
+
+# lifecycle (issue 10) ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """Reload and shutdown of the daemon (``[lifecycle]``); applied again on SIGHUP."""
+
+    shutdown_grace: float = 10.0
+    """Seconds SIGTERM/SIGINT waits for live sessions to close (MQTT 5 clients get
+    DISCONNECT 0x8B "server shutting down") before cutting the rest; then exit 0."""
+    cert_expiry_warning_days: int = 30
+    """Warn at start, on SIGHUP and daily when the server certificate expires within
+    this many days; 0 turns the warning off."""
+
+
+# -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +159,7 @@ class Config:
     trust: TrustConfig = TrustConfig()
     mqtt: MqttConfig = MqttConfig()
     logging: LoggingConfig = LoggingConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
     source: str = field(default="", compare=False)
     """Where the configuration came from (for messages)."""
 
@@ -207,26 +237,89 @@ def load_config(
 
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises :class:`ConfigError`."""
-    for name in ("mqtt", "mqtt_service", "https", "lwm2m", "admin"):
-        lc: ListenerConfig = getattr(config.listeners, name)
+    bound: dict[tuple[str, int], str] = {}
+    for f in fields(config.listeners):
+        lc: ListenerConfig = getattr(config.listeners, f.name)
+        key = f"listeners.{f.name}"
         if not 0 <= lc.port <= 65535:
-            raise ConfigError(f"listeners.{name}.port: {lc.port} is not a port number (0-65535)")
+            raise ConfigError(f"{key}.port: {lc.port} is not a port number (0-65535)")
+        if not lc.enabled:
+            continue
+        if not lc.host.strip():
+            raise ConfigError(f"{key}.host: must not be empty (use 0.0.0.0, :: or an address)")
+        if lc.port == 0:
+            continue
+        # Two enabled listeners of one transport on one port: the second bind would
+        # fail at start with a less helpful OS error.
+        transport = "udp" if f.name in _UDP_LISTENERS else "tcp"
+        other = bound.get((transport, lc.port))
+        if other is not None and _hosts_overlap(lc.host, getattr(config.listeners, other).host):
+            raise ConfigError(f"{key}.port: {lc.port} is already used by listeners.{other}.port")
+        bound[(transport, lc.port)] = f.name
+    if bool(config.tls.server_cert) != bool(config.tls.server_key):
+        # One without the other would pair a certificate with the demo key (or back).
+        given, missing = ("server_cert", "server_key")[:: 1 if config.tls.server_cert else -1]
+        raise ConfigError(f"tls.{missing}: must be set when tls.{given} is set")
     lim = config.limits
     _positive("limits.handshake_timeout", lim.handshake_timeout)
     _positive("limits.max_connections", lim.max_connections)
     _positive("limits.handshake_rate", lim.handshake_rate)
     _positive("limits.handshake_burst", lim.handshake_burst)
     if not 64 <= lim.max_packet_size <= 268435455:
-        raise ConfigError("limits.max_packet_size: must be between 64 and 268435455 bytes")
+        raise ConfigError(
+            f"limits.max_packet_size: must be between 64 and 268435455 bytes, "
+            f"got {lim.max_packet_size}"
+        )
     if not 2 <= config.trust.max_chain_length <= 64:
-        raise ConfigError("trust.max_chain_length: must be between 2 and 64")
+        raise ConfigError(
+            f"trust.max_chain_length: must be between 2 and 64, got {config.trust.max_chain_length}"
+        )
     _positive("trust.refresh_interval", config.trust.refresh_interval)
-    if config.store and not config.store.startswith(("sqlite:", "redis://", "rediss://")):
-        raise ConfigError(f"store: {config.store!r} is not a sqlite:/// or redis:// URL")
+    _positive("trust.decision_cache_size", config.trust.decision_cache_size)
+    mq = config.mqtt
+    if not 1 <= mq.upstream_port <= 65535:
+        raise ConfigError(f"mqtt.upstream_port: {mq.upstream_port} is not a port number (1-65535)")
+    if mq.backend == "upstream" and not mq.upstream_host.strip():
+        raise ConfigError('mqtt.upstream_host: must be set when mqtt.backend = "upstream"')
+    _positive("mqtt.connect_timeout", mq.connect_timeout)
+    life = config.lifecycle
+    if not math.isfinite(life.shutdown_grace) or life.shutdown_grace < 0:
+        raise ConfigError(
+            f"lifecycle.shutdown_grace: must be 0 or more seconds, got {life.shutdown_grace}"
+        )
+    if life.cert_expiry_warning_days < 0:
+        raise ConfigError(
+            "lifecycle.cert_expiry_warning_days: must be 0 (off) or more days, "
+            f"got {life.cert_expiry_warning_days}"
+        )
+    if config.store:
+        _check_store_url(config.store)
+
+
+_UDP_LISTENERS = frozenset({"lwm2m"})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "", "*"})
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    return a == b or a in _WILDCARD_HOSTS or b in _WILDCARD_HOSTS
+
+
+def _check_store_url(url: str) -> None:
+    if not url.startswith(("sqlite:", "redis://", "rediss://")):
+        raise ConfigError(f"store: {_mask_url(url)!r} is not a sqlite:/// or redis:// URL")
+    # Parse it the way the daemon will, so a bad path fails here with the key named.
+    from gateway.store import open_store
+    from gateway.store.base import StoreError
+
+    try:
+        open_store(url)
+    except StoreError as exc:
+        raise ConfigError(f"store: {str(exc).replace(url, _mask_url(url))}") from None
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    # nan and inf are valid TOML floats; neither makes sense as a limit or timeout
+    if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value}")
 
 
@@ -253,7 +346,13 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
             explicit = {k: getattr(merged, k) for k in value}
             values[f.name] = replace(default, **explicit)
         else:
-            values[f.name] = _coerce(key, typ, value)
+            try:
+                values[f.name] = _coerce(key, typ, value)
+            except ConfigError:
+                if f.name not in SECRET_KEYS:
+                    raise
+                # never echo a secret back, not even a mistyped one
+                raise ConfigError(f"{key}: expected a string (value not shown)") from None
     return cls(**values)
 
 

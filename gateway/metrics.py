@@ -240,3 +240,9 @@ class GatewayMetrics:
             "Peers disconnected for malformed or forbidden protocol input.",
             ("listener", "reason"),
         )
+        self.connect_refused = r.counter(
+            "mtls_gateway_mqtt_connect_refused_total",
+            "MQTT connections that ended before a session opened (CONNECT refused, "
+            "timed out, malformed or dropped), by reason code.",
+            ("listener", "reason"),
+        )

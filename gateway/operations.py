@@ -10,6 +10,7 @@ private key, a password or a password hash.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,11 +24,20 @@ from cryptography import x509
 
 from gateway.store.base import Conflict, NotFound, Store
 from trust.anchors import UploadError, new_trusted_certificate, parse_upload, validate_upload
-from trust.certs import CertificateError, common_name, fingerprint, load_certificate
+from trust.bulk import BulkCsvError, BulkFailure, parse_bulk_csv
+from trust.certs import (
+    CertificateError,
+    common_name,
+    fingerprint,
+    load_certificate,
+    parse_serial_hex,
+)
 from trust.model import (
     AdminUser,
     AuditRecord,
     DeviceUser,
+    PendingRegistration,
+    ProvisionedCertificate,
     RevocationEntry,
     RevocationSettings,
     Status,
@@ -44,32 +54,38 @@ from trust.revocation import (
 )
 
 __all__ = [
+    "AUDIT_BULK",
     "AUDIT_CRL",
     "AUDIT_DEVICE",
     "AUDIT_TENANT",
     "AUDIT_TRUSTED_CERTIFICATE",
     "AUDIT_USER",
+    "BulkRegistrationResult",
     "CsvImportResult",
     "OperationError",
     "RevocationRequest",
     "UploadError",
     "add_revocations",
     "add_trusted_certificate",
+    "bulk_register",
     "create_admin_user",
     "create_pop_code",
     "create_tenant",
     "delete_trusted_certificate",
     "get_trusted_certificate",
+    "hash_otp",
     "hash_password",
     "import_revocation_csv",
     "normalise_fingerprint",
     "register_device",
     "require_tenant",
+    "revoke_provisioned_certificate",
     "set_device_enabled",
     "set_pop_confirmed",
     "set_revocation_settings",
     "update_trusted_certificate",
     "verify_admin_password",
+    "verify_otp",
     "verify_pop",
 ]
 
@@ -78,6 +94,7 @@ AUDIT_TRUSTED_CERTIFICATE = "TrustedCertificate"
 AUDIT_CRL = "CRL"
 AUDIT_DEVICE = "Device"
 AUDIT_USER = "User"
+AUDIT_BULK = "BulkDeviceRegistration"
 
 MAX_NAME_LENGTH = 256
 MIN_PASSWORD_LENGTH = 8
@@ -577,3 +594,137 @@ def verify_admin_password(user: AdminUser, password: str) -> bool:
         return _HASHER.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+# bulk registration and provisioned certificates (management API, issue 4) --------
+
+_OTP_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+"""argon2id at OWASP's minimum (19 MiB, t=2): an OTP is hashed once per CSV row,
+so the login-strength default (~0.1 s each) would make a 5000-row file take minutes."""
+_HASH_CONCURRENCY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BulkRegistrationResult:
+    """Outcome of a bulk-registration CSV: rows in the file, pending registrations
+    created, and the refused rows (file line, device id, reason)."""
+
+    total: int
+    created: tuple[str, ...]
+    failures: tuple[BulkFailure, ...]
+
+
+def hash_otp(otp: str) -> str:
+    """argon2id hash of an ENROLLMENT_OTP (``PendingRegistration.otp_hash``)."""
+    return _OTP_HASHER.hash(otp)
+
+
+def verify_otp(otp_hash: str, otp: str) -> bool:
+    """True when ``otp`` matches (the parameters are read from the hash)."""
+    try:
+        return _OTP_HASHER.verify(otp_hash, otp)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+async def bulk_register(
+    store: Store, tenant: str, data: bytes, now: datetime, actor: str
+) -> BulkRegistrationResult:
+    """Register certificate devices from a bulk CSV (spec: "Bulk registration").
+
+    Valid rows become pending registrations (the device user is created on
+    its first connect); refused rows are reported, never half-stored. OTPs
+    are hashed in worker threads and never logged or audited.
+    """
+    await require_tenant(store, tenant)
+    try:
+        parsed = parse_bulk_csv(data)
+    except BulkCsvError as exc:
+        raise OperationError(str(exc)) from None
+    failures = list(parsed.failures)
+    todo = []
+    for row in parsed.rows:
+        reason = await _registration_conflict(store, tenant, row.device_id)
+        if reason:
+            failures.append(BulkFailure(row.line, row.device_id, reason))
+        else:
+            todo.append(row)
+    limit = asyncio.Semaphore(_HASH_CONCURRENCY)
+
+    async def otp_hash(otp: str | None) -> str | None:
+        if otp is None:
+            return None
+        async with limit:
+            return await asyncio.to_thread(hash_otp, otp)
+
+    hashes = await asyncio.gather(*(otp_hash(row.otp) for row in todo))
+    created: list[str] = []
+    for row, hashed in zip(todo, hashes, strict=True):
+        pending = PendingRegistration(
+            tenant=tenant,
+            device_id=row.device_id,
+            otp_hash=hashed,
+            attributes=row.attributes,
+            created=now,
+        )
+        try:
+            await store.add_pending_registration(pending)
+        except Conflict as exc:  # registered concurrently
+            failures.append(BulkFailure(row.line, row.device_id, str(exc)))
+        else:
+            created.append(row.device_id)
+    failures.sort(key=lambda f: f.line)
+    shown = ", ".join(created[:_AUDIT_SERIALS])
+    more = len(created) - _AUDIT_SERIALS
+    text = (
+        f"Bulk registration: {parsed.total} rows, {len(created)} devices accepted,"
+        f" {len(failures)} refused"
+        + (f"; devices {shown}" if created else "")
+        + (f" and {more} more" if more > 0 else "")
+    )
+    await _audit(store, tenant, AUDIT_BULK, "Bulk registration imported", text, now, actor)
+    return BulkRegistrationResult(parsed.total, tuple(created), tuple(failures))
+
+
+async def _registration_conflict(store: Store, tenant: str, device_id: str) -> str | None:
+    try:
+        await store.get_device(tenant, device_id)
+        return f"device {device_id} is already registered"
+    except NotFound:
+        pass
+    try:
+        await store.get_pending_registration(tenant, device_id)
+        return f"device {device_id} already has a pending registration"
+    except NotFound:
+        return None
+
+
+async def revoke_provisioned_certificate(
+    store: Store, tenant: str, device_id: str, serial: str, now: datetime, actor: str
+) -> tuple[ProvisionedCertificate, bool]:
+    """Revoke one of a device's provisioned certificates (adds it to the tenant's
+    offline revocations, irreversibly). Returns (certificate, newly revoked)."""
+    await require_tenant(store, tenant)
+    try:
+        number = parse_serial_hex(serial)
+    except ValueError as exc:
+        raise OperationError(str(exc)) from None
+    certs = await store.list_provisioned_certificates(tenant, device_id)
+    cert = next((c for c in certs if c.serial == number), None)
+    if cert is None:
+        raise OperationError(
+            f"certificate {number:x} is not a provisioned certificate of device"
+            f" {device_id!r} in tenant {tenant}",
+            "not_found",
+        )
+    added, _ = await store.add_revocations([RevocationEntry(tenant, number, now)])
+    text = (
+        f"Provisioned certificate serial {cert.serial_hex} of device {device_id} revoked"
+        if added
+        else f"Provisioned certificate serial {cert.serial_hex} of device {device_id}"
+        " was already revoked (entry kept)"
+    )
+    await _audit(
+        store, tenant, AUDIT_CRL, "Provisioned certificate revoked", text, now, actor, device_id
+    )
+    return cert, bool(added)

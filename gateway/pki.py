@@ -171,11 +171,14 @@ def make_device(
     san_ips: Sequence[str] = (),
     crl_urls: Sequence[str] = (),
     ca: bool = False,
+    subject: x509.Name | None = None,
 ) -> Issued:
-    """An end-entity certificate (device or server). ``cn=None`` omits the CN."""
+    """An end-entity certificate (device or server). ``cn=None`` omits the CN;
+    ``subject`` replaces the whole subject name."""
     key = key or new_key(key_type)
     nb, na = _window(now, days, not_before, not_after)
-    subject = _name(cn) if cn is not None else x509.Name([])
+    if subject is None:
+        subject = _name(cn) if cn is not None else x509.Name([])
     b = (
         x509.CertificateBuilder()
         .subject_name(subject)

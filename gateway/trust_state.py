@@ -277,10 +277,21 @@ class TrustState:
         log.info("TLS trust store now holds %d enabled anchors", len(key))
 
     def reload_server_certificate(self, cert: Path, key: Path) -> None:
-        """Serve a new server certificate to new connections (SIGHUP)."""
+        """Serve a new server certificate to new connections (SIGHUP).
+
+        Every listener's handshake swaps in the rebuilt trust context, whose
+        certificate is the one served. If the files do not load (``ssl.SSLError``,
+        ``OSError``) nothing changes and the error is raised.
+        """
+        previous = self.server_cert, self.server_key
         self.server_cert, self.server_key = cert, key
         self._anchor_key = ()
-        self._rebuild_context()
+        try:
+            self._rebuild_context()
+        except BaseException:
+            # keep serving the certificate that worked (a half-copied key, a mismatch)
+            self.server_cert, self.server_key = previous
+            raise
 
     # decisions -------------------------------------------------------------
     def decide_der(

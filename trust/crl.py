@@ -263,11 +263,13 @@ def check_chain_against_crls(
     a CRL of its issuer, ``ChainError(CRL_UNAVAILABLE)`` when such a CRL is
     unusable (fail closed).
 
-    The leaf and the intermediates are checked against their issuer in the
-    chain. The anchor is checked too when its issuer is among ``issuers``
-    (e.g. the other trust anchors) and is not the anchor itself: a self-signed
-    root cannot revoke itself (RFC 5280 §6.1: the trust anchor is an input of
-    path validation, not part of the path).
+    ``crls`` may hold prepared :class:`CrlIndex` objects (no signature check
+    or indexing per call) as well as raw CRLs. The leaf and the intermediates
+    are checked against their issuer in the chain. The anchor is checked too
+    when its issuer is among ``issuers`` (e.g. the other trust anchors) and is
+    not the anchor itself: a self-signed root cannot revoke itself (RFC 5280
+    §6.1: the trust anchor is an input of path validation, not part of the
+    path).
     """
     certs = chain.certificates
     if not crls:

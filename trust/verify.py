@@ -25,9 +25,11 @@ How a decision is made:
    with pyca's message; pyca's error text never selects a reason.
 
 Self-issued intermediates (RFC 5280 §6.1.4(l)) are not counted by pathLen nor
-by ``max_chain_length``; pyca counts them, so a path holding any is handed to
-pyca in segments split at those certificates (each segment anchored at the
-self-issued certificate above it), and the cross-segment rules are ours.
+by ``max_chain_length``. pyca counts them for pathLen, so a path that only
+satisfies pathLen thanks to that rule is handed to pyca in segments split at
+those certificates (each segment anchored at the self-issued certificate above
+it); the rules across segments are ours. Signature algorithms (SHA-256 or
+better, no SHA-1/MD5) are pyca's web-PKI list.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import (
+    ExtendedKeyUsageOID,
+    ExtensionOID,
+    NameOID,
+    SignatureAlgorithmOID,
+)
 from cryptography.x509.verification import (
     ClientVerifier,
     Criticality,
@@ -422,15 +429,15 @@ def verify_chain(
             Reason.CHAIN_TOO_LONG,
             f"{len(presented)} certificates presented, at most {policy.max_presented} are accepted",
         )
-    anchor_set = anchors if isinstance(anchors, AnchorSet) else AnchorSet(anchors)
-    if not len(anchor_set):
-        raise ChainError(Reason.UNTRUSTED, "no trust anchors to verify against")
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     # RFC 5280 §4.1.2.5: validity has a resolution of one second; compare the
     # floor of ``now`` (x509-limbo notbefore-/notafter-fractional).
     now = now.astimezone(UTC).replace(microsecond=0)
     try:
+        anchor_set = anchors if isinstance(anchors, AnchorSet) else AnchorSet(anchors)
+        if not len(anchor_set):
+            raise ChainError(Reason.UNTRUSTED, "no trust anchors to verify against")
         return _Verification(presented, anchor_set, now, policy).run()
     except ChainError:
         raise
@@ -609,6 +616,7 @@ _MUST_BE_CRITICAL = {
 }
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 _ALLOWED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+_EDDSA_SIGNATURES = frozenset({SignatureAlgorithmOID.ED25519, SignatureAlgorithmOID.ED448})
 
 
 def _check_path(path: list[_Node], now: datetime, policy: VerifyPolicy) -> None:
@@ -660,6 +668,10 @@ def _check_encoding(node: _Node, role: str) -> None:
         raise ChainError(
             Reason.MALFORMED, f"{what} has mismatching inner and outer signature algorithms"
         )
+    # Signatures made with SHA-1 or MD5 are forgeable (RFC 6194, RFC 6151);
+    # the anchor's own signature is not relied upon.
+    if not node.is_anchor:
+        _check_signature_algorithm(cert, what)
     # §4.1.2.4: the issuer is a non-empty name.
     if len(cert.issuer) == 0:
         raise ChainError(Reason.MALFORMED, f"{what} has an empty issuer name")
@@ -706,6 +718,24 @@ def _check_encoding(node: _Node, role: str) -> None:
         if pcv.require_explicit_policy is None and pcv.inhibit_policy_mapping is None:
             raise ChainError(Reason.MALFORMED, f"{what}: policyConstraints is empty (§4.2.1.11)")
     _check_key(node, what)
+
+
+def _check_signature_algorithm(cert: x509.Certificate, what: _What) -> None:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except Exception:
+        algorithm = None
+        name = cert.signature_algorithm_oid.dotted_string
+    else:
+        name = algorithm.name if algorithm is not None else ""
+    if algorithm is None:
+        if cert.signature_algorithm_oid in _EDDSA_SIGNATURES:
+            return
+    elif isinstance(algorithm, _ALLOWED_HASHES):
+        return
+    raise ChainError(
+        Reason.BAD_SIGNATURE, f"{what} is signed with an unaccepted algorithm ({name or 'unknown'})"
+    )
 
 
 def _check_key(node: _Node, what: _What) -> None:

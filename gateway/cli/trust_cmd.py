@@ -21,9 +21,12 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway.cli.store_cmds import common_parser
+from gateway.cli.store_cmds import Context, common_parser, run_store_command
+from gateway.trust_state import load_snapshot
 from trust.certs import CertificateError, fingerprint, load_certificates
 from trust.crl import CrlError, check_chain_against_crls, load_crls
+from trust.model import Decision, DeviceIdentity, Listener, Reason, Rejection
+from trust.policy import DecisionPolicy, decide
 from trust.verify import ChainError, VerifiedChain, VerifyPolicy, verify_chain
 
 MAX_INPUT_BYTES = 64 << 20
@@ -77,7 +80,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_chain_length,
         default=VerifyPolicy().max_chain_length,
         help="largest number of certificates in the verified chain, device certificate and "
-        "anchor included (default: %(default)s)",
+        "anchor included; self-issued key-rollover CA certificates are not counted "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--listener",
+        choices=[x.value for x in Listener],
+        default=Listener.MQTT_CORE.value,
+        help="with --tenant: which listener's rules to apply (default: %(default)s)",
     )
     p.set_defaults(handler=_verify)
 
@@ -168,8 +178,70 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_against_tenant(args: argparse.Namespace) -> int:
-    """``--tenant``: verify against a tenant's anchors and revocations in the store."""
-    return _fail("trust verify --tenant is not implemented yet; use --anchor")
+    """``--tenant``: decide exactly as a listener would, from the store's trust state.
+
+    The whole snapshot is used (a chain trusted by several tenants is ambiguous
+    here too); the answer is "accepted" only when the chain maps to ``--tenant``.
+    """
+    try:
+        presented = _certificates(args.chain, "chain")
+    except _InputError as exc:
+        return _fail(str(exc))
+    if not presented:
+        return _fail("chain file holds no certificate")
+    now: datetime = args.at or datetime.now(UTC)
+    listener = Listener(args.listener)
+
+    async def action(ctx: Context) -> int:
+        if not await ctx.store.tenant_exists(args.tenant):
+            return _fail(f"tenant {args.tenant!r} does not exist")
+        snap = await load_snapshot(ctx.store)
+        policy = DecisionPolicy(
+            verify=VerifyPolicy(max_chain_length=args.max_chain_length),
+            require_anchor_in_chain=ctx.config.trust.require_anchor_in_chain,
+        )
+        decision = decide(presented, snap, now, listener, policy)
+        if isinstance(decision, DeviceIdentity) and decision.tenant != args.tenant:
+            decision = Rejection(
+                Reason.UNTRUSTED,
+                f"chain is trusted by tenant {decision.tenant}, not {args.tenant}",
+                tenant=decision.tenant,
+                device_id=decision.device_id,
+            )
+        return _report_decision(args, decision)
+
+    return run_store_command(args, action)
+
+
+def _report_decision(args: argparse.Namespace, decision: Decision) -> int:
+    accepted = isinstance(decision, DeviceIdentity)
+    if args.json:
+        doc: dict[str, Any] = {"accepted": accepted}
+        if isinstance(decision, DeviceIdentity):
+            doc.update(
+                tenant=decision.tenant,
+                device=decision.device_id,
+                user=decision.username,
+                registration=decision.registration.value,
+                anchor=decision.anchor_fingerprint,
+                serial=decision.serial_hex,
+                notAfter=decision.not_after.isoformat(),
+                reason=None,
+            )
+        else:
+            doc.update(
+                reason=decision.reason.value, message=decision.message, tenant=decision.tenant
+            )
+        print(json.dumps(doc, indent=2))
+    elif isinstance(decision, DeviceIdentity):
+        print(
+            f"accepted: device {decision.device_id} (user {decision.username}) in tenant "
+            f"{decision.tenant}; registration: {decision.registration.value}; "
+            f"trusted certificate {decision.anchor_fingerprint}"
+        )
+    else:
+        print(f"rejected: {decision.reason.value}: {decision.message}")
+    return 0 if accepted else 1
 
 
 def _report(args: argparse.Namespace, chain: VerifiedChain | None, error: ChainError | None) -> int:

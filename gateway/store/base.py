@@ -229,6 +229,14 @@ class Store(ABC):
     async def find_admin_users(self, username: str) -> list[AdminUser]:
         """Users of that name in any tenant (login with a bare user name)."""
 
+    async def list_admin_users(self, tenant: str) -> list[AdminUser]:
+        """A tenant's management users by name (``admin-users list``).
+
+        Not abstract so that stores written before it keep working; they say
+        the listing is unsupported until they implement it.
+        """
+        raise StoreError(f"{type(self).__name__} cannot list admin users")
+
     # secrets and options (tenant CA keys, token signing keys, feature toggles) -
     @abstractmethod
     async def set_option(self, tenant: str, key: str, value: str) -> None: ...

@@ -840,6 +840,14 @@ class SqliteStore(Store):
         )
         return [_admin(r) for r in rows]
 
+    async def list_admin_users(self, tenant: str) -> list[AdminUser]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT * FROM admin_users WHERE tenant = ? ORDER BY username", (tenant,)
+            ).fetchall()
+        )
+        return [_admin(r) for r in rows]
+
     # secrets and options -----------------------------------------------------
     async def set_option(self, tenant: str, key: str, value: str) -> None:
         def tx(conn: sqlite3.Connection) -> None:

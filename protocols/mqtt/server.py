@@ -255,6 +255,7 @@ class _Link:
                 code,
                 message,
             )
+            self.server.metrics.connect_refused.inc(self.lname, code)
             if code == "malformed":
                 self.server.metrics.malformed.inc(self.lname, code)
             return
