@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from gateway.admin import AdminServer, ServerCertificate, read_server_certificate
 from gateway.admission import Admission
 from gateway.config import Config
 from gateway.metrics import GatewayMetrics
@@ -38,6 +40,10 @@ class Gateway:
     trust: TrustState | None = None
     backend: Backend | None = None
     listeners: dict[str, TlsListener] = field(default_factory=dict)
+    admin: AdminServer | None = None
+    ready: bool = False
+    """True from the end of ``start()`` (listeners bound, snapshot loaded) until ``stop()``."""
+    server_certificate: ServerCertificate | None = None
     _owns_store: bool = False
 
     async def start(self) -> None:
@@ -46,6 +52,7 @@ class Gateway:
             self.store = open_store(cfg.store_url)
             await self.store.open()
             self._owns_store = True
+        await self._start_admin()
         policy = DecisionPolicy(
             verify=VerifyPolicy(max_chain_length=cfg.trust.max_chain_length),
             require_anchor_in_chain=cfg.trust.require_anchor_in_chain,
@@ -62,6 +69,7 @@ class Gateway:
         )
         await self.trust.start()
         self.trust.on_change(self._on_trust_change)
+        self.server_certificate = _describe_server_certificate(cfg.server_cert_path)
 
         self.backend = make_backend(
             cfg.mqtt.backend,
@@ -101,6 +109,7 @@ class Gateway:
             )
             await listener.start()
             self.listeners[name] = listener
+        self.ready = True
 
     async def _on_trust_change(self, snap: TrustSnapshot, changes: list[Change]) -> None:
         for session, reason, message in self.registry.affected(snap, changes):
@@ -111,12 +120,26 @@ class Gateway:
         """The bound port of a listener (useful when configured with port 0)."""
         return self.listeners[name].bound_port
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, close sessions (MQTT 5: DISCONNECT 0x8B) for up to ``grace``
+        seconds (default ``lifecycle.shutdown_grace``), then cut what is left."""
+        self.ready = False
+        if grace is None:
+            grace = self.config.lifecycle.shutdown_grace
         for listener in self.listeners.values():
             await listener.stop_accepting()
-        await asyncio.wait_for(self.registry.close_all("shutdown", "gateway shutting down"), grace)
+        try:
+            await asyncio.wait_for(
+                self.registry.close_all("shutdown", "gateway shutting down"), grace
+            )
+        except TimeoutError:
+            log.warning(
+                "%d sessions still open after %.1fs: closing them", len(self.registry), grace
+            )
         for listener in self.listeners.values():
             await listener.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         if self.backend is not None:
             await self.backend.stop()
         if self.trust is not None:
@@ -124,3 +147,30 @@ class Gateway:
         if self.store is not None and self._owns_store:
             await self.store.close()
         log.info("gateway stopped")
+
+    # admin listener and server certificate (issue 10) ---------------------------
+    async def _start_admin(self) -> None:
+        # Started before the listeners so /healthz and /readyz answer during start-up.
+        lc = self.config.listeners.admin
+        if lc.enabled:
+            self.admin = AdminServer(self, lc.host, lc.port)
+            await self.admin.start()
+
+    def reload_server_certificate(self) -> ServerCertificate | None:
+        """Serve the certificate now in the configured files to new connections;
+        established sessions keep theirs. Raises (and changes nothing) when the
+        files do not load."""
+        assert self.trust is not None
+        cfg = self.config
+        self.trust.reload_server_certificate(cfg.server_cert_path, cfg.server_key_path)
+        self.server_certificate = _describe_server_certificate(cfg.server_cert_path)
+        return self.server_certificate
+
+
+def _describe_server_certificate(path: Path) -> ServerCertificate | None:
+    try:
+        return read_server_certificate(path)
+    except (OSError, ValueError) as exc:
+        # ssl loaded it, so this is only our description failing: do not stop for it
+        log.warning("cannot describe the server certificate %s: %s", path, exc)
+        return None

@@ -153,6 +153,12 @@ class TrustState:
         self.min_tls = min_tls
         self.snapshot = TrustSnapshot()
         self._cache: dict[bytes, _Cached] = {}
+        # A device's registration or enable flag changes only that device's
+        # decisions: evict those instead of the whole cache (first-connect bursts
+        # would otherwise empty it for everyone).
+        self._cache_by_device: dict[str, set[bytes]] = {}
+        self._generation = 0
+        self._refresh_lock = asyncio.Lock()
         self._listeners: list[ChangeListener] = []
         self._anchor_key: tuple[str, ...] = ()
         self._trust_context: ssl.SSLContext | None = None
@@ -178,6 +184,10 @@ class TrustState:
 
     async def refresh(self) -> bool:
         """Apply pending changes now; True if the snapshot changed."""
+        async with self._refresh_lock:  # the poll loop and explicit callers never interleave
+            return await self._refresh()
+
+    async def _refresh(self) -> bool:
         seq = await self.store.change_seq()
         if seq <= self.snapshot.seq:
             return False
@@ -190,10 +200,11 @@ class TrustState:
                 "change feed gap (%d → %d): full trust resync", self.snapshot.seq, changes[0].seq
             )
             new = await load_snapshot(self.store)
+            self.invalidate_decisions()
         else:
             new = await apply_changes(self.store, self.snapshot, changes)
+            self._invalidate(changes)
         self.snapshot = new
-        self._cache.clear()
         self._rebuild_context()
         for listener in self._listeners:
             try:
@@ -203,6 +214,11 @@ class TrustState:
         return True
 
     async def _follow(self) -> None:
+        # A store that pushes change notifications (Redis pub/sub) wakes us at
+        # once; the interval stays as the fallback should a notification be lost.
+        wait_for_change: Callable[[float], Awaitable[bool]] | None = getattr(
+            self.store, "wait_for_change", None
+        )
         while True:
             try:
                 await self.refresh()
@@ -219,9 +235,29 @@ class TrustState:
                 self.last_refresh_error = str(exc)
             except Exception:
                 log.exception("trust refresh failed")
-            await asyncio.sleep(self.refresh_interval)
+            if wait_for_change is None:
+                await asyncio.sleep(self.refresh_interval)
+                continue
+            try:
+                await wait_for_change(self.refresh_interval)
+            except (StoreError, OSError):
+                await asyncio.sleep(self.refresh_interval)
 
     # TLS -------------------------------------------------------------------
+    def _invalidate(self, changes: Sequence[Change]) -> None:
+        if all(c.kind in (ChangeKind.DEVICE, ChangeKind.PENDING) for c in changes):
+            for c in changes:
+                for key in self._cache_by_device.pop(c.key, ()):
+                    self._cache.pop(key, None)
+            return
+        self.invalidate_decisions()
+
+    def invalidate_decisions(self) -> None:
+        """Forget every cached decision (trust data changed)."""
+        self._generation += 1
+        self._cache.clear()
+        self._cache_by_device.clear()
+
     def server_context(self, listener: Listener) -> ssl.SSLContext:
         """The base context a listener is created with; its SNI callback swaps in
         the current trust context for each handshake (it runs without SNI too)."""
@@ -306,7 +342,7 @@ class TrustState:
             h.update(len(der).to_bytes(4, "big"))
             h.update(der)
         key = h.digest()
-        seq = self.snapshot.seq
+        seq = self._generation
         hit = self._cache.get(key)
         if (
             hit is not None
@@ -327,5 +363,8 @@ class TrustState:
             valid_until = now + REJECTION_CACHE_TTL
         if len(self._cache) >= self.cache_size:
             self._cache.clear()
+            self._cache_by_device.clear()
         self._cache[key] = _Cached(seq, decision, valid_until)
+        if decision.device_id:
+            self._cache_by_device.setdefault(decision.device_id, set()).add(key)
         return decision

@@ -128,6 +128,7 @@ async def start_gateway(
         base.listeners,
         mqtt=ListenerConfig(host="127.0.0.1", port=0),
         mqtt_service=ListenerConfig(host="127.0.0.1", port=0),
+        admin=ListenerConfig(host="127.0.0.1", port=0),
     )
     cfg = replace(
         base,

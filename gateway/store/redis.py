@@ -62,16 +62,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
-    ReadOnlyError,
-    RedisError,
-)
-from redis.exceptions import (
-    TimeoutError as RedisTimeoutError,
-)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.base import (
     PROVISIONED_KEEP,
@@ -534,7 +527,9 @@ class RedisStore(Store):
         detail = str(exc) or type(exc).__name__
         if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
             return StoreUnavailable(f"{where} unavailable: {detail}")
-        if isinstance(exc, ReadOnlyError) or detail.startswith(_UNAVAILABLE_REPLIES):
+        # redis-py strips the error code from the replies it maps to a class
+        code = getattr(exc, "status_code", None) or detail.split(" ", 1)[0]
+        if isinstance(exc, ReadOnlyError) or code in _UNAVAILABLE_REPLIES:
             return StoreUnavailable(f"{where} cannot take the request now: {detail}")
         return StoreError(f"{where}: {detail}")
 

@@ -23,6 +23,8 @@ port = 0
 [listeners.mqtt_service]
 host = "127.0.0.1"
 port = 0
+[listeners.admin]
+port = 0
 """
 
 
