@@ -190,24 +190,24 @@ class MqttConnection:
     def ping(self) -> None:
         self.write(encode(Pingreq(), self.proto.version))
 
-    async def subscribe(self, topic_filter: str, qos: int = 0, timeout: float = 10.0) -> int:
+    async def subscribe(self, topic_filter: str, qos: int = 0, wait: float = 10.0) -> int:
         """Subscribe and wait for SUBACK; returns the granted code."""
         self.proto.suback = asyncio.get_running_loop().create_future()
         packet = Subscribe(self._packet_id(), ((topic_filter, SubscriptionOptions(qos)),))
         self.write(encode(packet, self.proto.version))
         try:
-            suback = await asyncio.wait_for(self.proto.suback, timeout)
+            suback = await asyncio.wait_for(self.proto.suback, wait)
         except TimeoutError:
             raise ConnectFailure("timeout", "no SUBACK") from None
         return suback.reason_codes[0]
 
-    async def disconnect(self, timeout: float = 2.0) -> None:
+    async def disconnect(self, grace: float = 2.0) -> None:
         """Send DISCONNECT and close the TLS connection (bounded, never raises)."""
         self.write(encode(Disconnect(), self.proto.version))
         self.proto._fail("closed_by_client")
         self.transport.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self.proto.lost), timeout)
+            await asyncio.wait_for(asyncio.shield(self.proto.lost), grace)
         if not self.proto.lost.done():
             self.transport.abort()
 
@@ -228,16 +228,17 @@ async def open_mqtt(
     username: str | None = None,
     password: bytes | None = None,
     keepalive: int = 60,
-    timeout: float = 10.0,
+    connect_timeout: float = 10.0,
     server_hostname: str | None = None,
     version: int = 4,
     on_publish: PublishCallback | None = None,
 ) -> MqttConnection:
     """TCP connect, TLS handshake, CONNECT, CONNACK; :class:`ConnectFailure` otherwise.
 
-    ``timeout`` bounds the whole sequence.
+    ``connect_timeout`` bounds the whole sequence.
     """
     loop = asyncio.get_running_loop()
+    timeout = connect_timeout
     deadline = loop.time() + timeout
     t0 = time.perf_counter()
     try:
@@ -352,7 +353,7 @@ class CoreDriver:
             client_id=device.device_id,
             username=self.username(device),
             keepalive=o.keepalive,
-            timeout=o.connect_timeout,
+            connect_timeout=o.connect_timeout,
             server_hostname=o.server_name,
         )
         topic = o.topic.replace("{device}", device.device_id)

@@ -224,11 +224,11 @@ class Manifest:
 
     @property
     def root_cert(self) -> Path:
-        return self.dir / self.data["ca"]["root"]["cert"]
+        return self.dir / str(self.data["ca"]["root"]["cert"])
 
     @property
     def server_ca(self) -> Path:
-        return self.dir / self.data["server"]["ca"]
+        return self.dir / str(self.data["server"]["ca"])
 
     @property
     def good(self) -> tuple[Device, ...]:

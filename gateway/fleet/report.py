@@ -203,7 +203,11 @@ class FleetReport:
     def ok(self) -> bool:
         """Every good device connected and every bad one was refused."""
         s = self.stats
-        return s.unexpected_accepts == 0 and s.good_failed == 0 and s.bad_rejected == s.bad_attempted
+        return (
+            s.unexpected_accepts == 0
+            and s.good_failed == 0
+            and s.bad_rejected == s.bad_attempted
+        )
 
     def errors_by_category(self) -> dict[str, int]:
         out: Counter[str] = Counter()

@@ -457,11 +457,11 @@ def run_fleet(
         elapsed = time.monotonic() - t0
     finally:
         bar.end()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
         out.close()
     if rss is not None and options.gateway_pid is not None:
         rss["rssEndKb"] = read_rss_kb(options.gateway_pid)

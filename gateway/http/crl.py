@@ -4,10 +4,9 @@
 (RFC 5280 §5) listing every serial the tenant revoked. It is signed by the
 tenant CA when the tenant has one (:attr:`HttpContext.tenant_ca_signer`),
 otherwise by a per-tenant CRL-signing key the gateway creates on first use:
-an EC P-256 key sealed with the KEK (:mod:`gateway.secrets`) in tenant option
-:data:`SIGNER_KEY_OPTION`, with a self-signed certificate
-(:data:`SIGNER_CERT_OPTION`, downloadable at ``…/settings/crl/signer``) that
-verifies the CRL: ``openssl crl -inform DER -in t.crl -CAfile signer.pem``.
+an EC P-256 key sealed with the KEK (:mod:`gateway.secrets`), kept with its
+self-signed certificate in tenant option :data:`SIGNER_OPTION`. The
+certificate is downloadable at ``…/settings/crl/signer`` and verifies the CRL: ``openssl crl -inform DER -in t.crl -CAfile signer.pem``.
 
 The CRL is an export of the tenant's list for other systems (its own
 ``nextUpdate`` is a week ahead); the gateway itself checks revocations from
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
@@ -34,8 +34,7 @@ from trust.model import RevocationEntry
 
 __all__ = [
     "CRL_VALIDITY",
-    "SIGNER_CERT_OPTION",
-    "SIGNER_KEY_OPTION",
+    "SIGNER_OPTION",
     "CrlSigner",
     "build_crl",
     "crl_signer",
@@ -43,8 +42,8 @@ __all__ = [
     "revocations_csv",
 ]
 
-SIGNER_CERT_OPTION = "crl.signer.certificate"
-SIGNER_KEY_OPTION = "crl.signer.key"
+SIGNER_OPTION = "crl.signer"
+"""Tenant option holding ``{"key": <sealed PKCS#8>, "certificate": <PEM>}``."""
 SIGNER_VALIDITY = timedelta(days=3650)
 SIGNER_RENEW_BEFORE = timedelta(days=30)
 CRL_VALIDITY = timedelta(days=7)
@@ -152,35 +151,37 @@ async def crl_signer(
 
 
 async def gateway_signer(store: Store, box: SecretBox, tenant: str, now: datetime) -> CrlSigner:
-    sealed = await store.get_option(tenant, SIGNER_KEY_OPTION)
-    pem = await store.get_option(tenant, SIGNER_CERT_OPTION)
-    key: PrivateKey | None = None
-    if sealed is not None:
-        try:
-            key = box.open_private_key(sealed, _purpose(tenant))
-        except SecretError as exc:
-            # A KEK mismatch must not silently replace a key other instances use.
-            raise SecretError(f"CRL-signing key of tenant {tenant} does not open: {exc}") from None
-    if key is not None and pem is not None:
-        try:
-            cert = load_certificate(pem)
-        except CertificateError:
-            cert = None
-        if cert is not None and cert.not_valid_after_utc - SIGNER_RENEW_BEFORE > now:
-            return cert, key
-    if key is None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        await store.set_option(tenant, SIGNER_KEY_OPTION, box.seal_private_key(key, _purpose(tenant)))
+    """The gateway's CRL signer of ``tenant``: key and certificate are kept as one
+    option value, so concurrent creators (several instances) leave a matching pair."""
+    stored = await _load_signer(store, box, tenant)
+    if stored is not None and stored[0].not_valid_after_utc - SIGNER_RENEW_BEFORE > now:
+        return stored
+    key = stored[1] if stored is not None else ec.generate_private_key(ec.SECP256R1())
     cert = make_signer_certificate(tenant, key, now)
-    await store.set_option(tenant, SIGNER_CERT_OPTION, cert.public_bytes(Encoding.PEM).decode())
-    # Two instances may have raced: use whatever the store kept, so both agree.
-    stored_key = await store.get_option(tenant, SIGNER_KEY_OPTION)
-    stored_pem = await store.get_option(tenant, SIGNER_CERT_OPTION)
-    if stored_key is not None and stored_pem is not None:
-        try:
-            return load_certificate(stored_pem), box.open_private_key(stored_key, _purpose(tenant))
-        except (CertificateError, SecretError):
-            pass
+    value = {
+        "key": box.seal_private_key(key, _purpose(tenant)),
+        "certificate": cert.public_bytes(Encoding.PEM).decode("ascii"),
+    }
+    await store.set_option(tenant, SIGNER_OPTION, json.dumps(value))
+    # another instance may have written its own pair meanwhile: use what the store kept
+    return await _load_signer(store, box, tenant) or (cert, key)
+
+
+async def _load_signer(store: Store, box: SecretBox, tenant: str) -> CrlSigner | None:
+    raw = await store.get_option(tenant, SIGNER_OPTION)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+        cert = load_certificate(value["certificate"])
+        sealed = value["key"]
+    except (ValueError, KeyError, TypeError, CertificateError):
+        raise SecretError(f"stored CRL signer of tenant {tenant} is unreadable") from None
+    try:
+        key = box.open_private_key(sealed, _purpose(tenant))
+    except SecretError as exc:
+        # never silently replace a key that other instances (with the right KEK) use
+        raise SecretError(f"CRL-signing key of tenant {tenant} does not open: {exc}") from None
     return cert, key
 
 
