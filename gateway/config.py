@@ -197,6 +197,11 @@ _ENV_FIELDS = {
 SECRET_KEYS = {"upstream_password"}
 
 
+def env_overrides() -> dict[str, str]:
+    """Environment variable name → the dotted key it overrides (docs, ``config check``)."""
+    return {ENV_PREFIX + suffix: ".".join(keys) for suffix, keys in _ENV_FIELDS.items()}
+
+
 def load_config(
     path: Path | None = None,
     *,

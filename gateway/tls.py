@@ -248,7 +248,10 @@ class TlsListener:
             writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
             ssl_object = writer.get_extra_info("ssl_object")
             chain = peer_chain_der(ssl_object) if ssl_object is not None else None
-            decision = self.trust.decide_der(chain, self.listener)
+            if ssl_object is not None and ssl_object.session_reused:
+                decision = self.trust.decide_resumed(chain[0] if chain else None, self.listener)
+            else:
+                decision = self.trust.decide_der(chain, self.listener)
             self.metrics.handshake_seconds.observe(time.perf_counter() - started, lname)
             if isinstance(decision, DeviceIdentity):
                 self.metrics.handshakes.inc(lname, "accepted", "ok")

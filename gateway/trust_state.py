@@ -158,6 +158,7 @@ class TrustState:
         # would otherwise empty it for everyone).
         self._cache_by_device: dict[str, set[bytes]] = {}
         self._generation = 0
+        self._by_leaf: dict[tuple[Listener, bytes], bytes] = {}
         self._refresh_lock = asyncio.Lock()
         self._listeners: list[ChangeListener] = []
         self._anchor_key: tuple[str, ...] = ()
@@ -257,6 +258,7 @@ class TrustState:
         self._generation += 1
         self._cache.clear()
         self._cache_by_device.clear()
+        self._by_leaf.clear()
 
     def server_context(self, listener: Listener) -> ssl.SSLContext:
         """The base context a listener is created with; its SNI callback swaps in
@@ -364,7 +366,34 @@ class TrustState:
         if len(self._cache) >= self.cache_size:
             self._cache.clear()
             self._cache_by_device.clear()
+            self._by_leaf.clear()
         self._cache[key] = _Cached(seq, decision, valid_until)
         if decision.device_id:
             self._cache_by_device.setdefault(decision.device_id, set()).add(key)
+        if isinstance(decision, DeviceIdentity):
+            self._by_leaf[(listener, hashlib.sha256(chain_der[0]).digest())] = key
         return decision
+
+    def decide_resumed(
+        self, leaf_der: bytes | None, listener: Listener, now: datetime | None = None
+    ) -> Decision:
+        """A resumed TLS session carries no chain, only the leaf: reuse the decision
+        a full handshake made for that certificate while it is still current
+        (same trust generation, not expired); otherwise refuse, so the device
+        falls back to a full handshake on its next attempt."""
+        now = now or datetime.now(UTC)
+        if not leaf_der:
+            return Rejection(Reason.NO_CERTIFICATE, "no client certificate in the resumed session")
+        key = self._by_leaf.get((listener, hashlib.sha256(leaf_der).digest()))
+        hit = self._cache.get(key) if key is not None else None
+        if (
+            hit is not None
+            and hit.seq == self._generation
+            and (hit.valid_until is None or now < hit.valid_until)
+        ):
+            return hit.decision
+        return Rejection(
+            Reason.UNTRUSTED,
+            "resumed TLS session with no current decision for its certificate; "
+            "a full handshake is required",
+        )

@@ -19,6 +19,8 @@ _GROUPS = (
     "gateway.cli.run_cmd",
     "gateway.cli.trust_cmd",
     "gateway.cli.store_cmds",
+    "gateway.cli.config_cmd",
+    "gateway.cli.fleet_cmd",
 )
 
 

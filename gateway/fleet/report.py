@@ -204,9 +204,7 @@ class FleetReport:
         """Every good device connected and every bad one was refused."""
         s = self.stats
         return (
-            s.unexpected_accepts == 0
-            and s.good_failed == 0
-            and s.bad_rejected == s.bad_attempted
+            s.unexpected_accepts == 0 and s.good_failed == 0 and s.bad_rejected == s.bad_attempted
         )
 
     def errors_by_category(self) -> dict[str, int]:
@@ -286,8 +284,7 @@ def render_table(report: FleetReport) -> str:
         "",
         f"  connects      {s.connected}/{s.attempts} succeeded, "
         f"{report.connects_per_second:.1f}/s during the ramp",
-        f"  messages      {s.messages} sent, {s.acked} acked, "
-        f"{report.messages_per_second:.1f}/s",
+        f"  messages      {s.messages} sent, {s.acked} acked, {report.messages_per_second:.1f}/s",
         f"  live at end   {s.live_at_end}",
         "",
         "  latency (ms)     count      p50      p90      p99      max",
