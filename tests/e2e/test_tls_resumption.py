@@ -32,21 +32,21 @@ def _resume_sync(port: int, ctx: ssl.SSLContext, client_id: str) -> tuple[int, b
     session = None
     reused = False
     for _ in range(2):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-                tls.sendall(encode(Connect(client_id), 4))
-                # TLS 1.3 tickets arrive after the handshake, with the first read
-                decoder = MqttDecoder(protocol_version=4, server=False)
-                packets: list[object] = []
-                while not packets:
-                    data = tls.recv(4096)
-                    assert data
-                    packets = list(decoder.feed(data))
-                connack = packets[0]
-                assert isinstance(connack, Connack)
-                codes.append(connack.reason_code)
-                reused = tls.session_reused
-                session = tls.session
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(encode(Connect(client_id), 4))
+            # TLS 1.3 tickets arrive after the handshake, with the first read
+            decoder = MqttDecoder(protocol_version=4, server=False)
+            packets: list[object] = []
+            while not packets:
+                data = tls.recv(4096)
+                assert data
+                packets = list(decoder.feed(data))
+            connack = packets[0]
+            assert isinstance(connack, Connack)
+            codes.append(connack.reason_code)
+            reused = tls.session_reused
+            session = tls.session
     assert codes[0] == 0
     return codes[1], reused
 
