@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway.admin import AdminServer, ServerCertificate, read_server_certificate
 from gateway.admission import Admission
 from gateway.config import Config
+from gateway.http.server import HttpContext, HttpServer, start_http_servers
 from gateway.metrics import GatewayMetrics
 from gateway.sessions import SessionRegistry
 from gateway.store import open_store
@@ -44,6 +45,9 @@ class Gateway:
     ready: bool = False
     """True from the end of ``start()`` (listeners bound, snapshot loaded) until ``stop()``."""
     server_certificate: ServerCertificate | None = None
+    http: dict[str, HttpServer] = field(default_factory=dict)
+    """The HTTPS listener (and the optional plain management listener), by name."""
+    http_context: HttpContext | None = None
     _owns_store: bool = False
 
     async def start(self) -> None:
@@ -109,6 +113,7 @@ class Gateway:
             )
             await listener.start()
             self.listeners[name] = listener
+        await self._start_https()
         self.ready = True
 
     async def _on_trust_change(self, snap: TrustSnapshot, changes: list[Change]) -> None:
@@ -118,6 +123,8 @@ class Gateway:
 
     def port(self, name: str) -> int:
         """The bound port of a listener (useful when configured with port 0)."""
+        if name in self.http:
+            return self.http[name].bound_port
         return self.listeners[name].bound_port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -128,6 +135,8 @@ class Gateway:
             grace = self.config.lifecycle.shutdown_grace
         for listener in self.listeners.values():
             await listener.stop_accepting()
+        for server in self.http.values():
+            await server.stop()
         try:
             await asyncio.wait_for(
                 self.registry.close_all("shutdown", "gateway shutting down"), grace
@@ -147,6 +156,13 @@ class Gateway:
         if self.store is not None and self._owns_store:
             await self.store.close()
         log.info("gateway stopped")
+
+    # HTTPS listener: management API (issue 4) and device routes ------------------
+    async def _start_https(self) -> None:
+        assert self.store is not None and self.trust is not None
+        self.http_context, self.http = await start_http_servers(
+            self.store, self.trust, self.registry, self.metrics, self.config
+        )
 
     # admin listener and server certificate (issue 10) ---------------------------
     async def _start_admin(self) -> None:

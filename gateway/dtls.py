@@ -38,6 +38,7 @@ one timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import hmac
@@ -108,9 +109,17 @@ def plausible_record(record: bytes) -> bool:
     )
 
 
-def client_hello_cookie(record: bytes) -> bytes | None:
-    """The cookie of an epoch-0 ClientHello record (b"" when empty); None if it is
-    not the first fragment of a ClientHello."""
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """The two fields of an epoch-0 ClientHello the terminator looks at."""
+
+    random: bytes
+    cookie: bytes
+
+
+def parse_client_hello(record: bytes) -> ClientHello | None:
+    """The random and cookie of an epoch-0 ClientHello record; None if the record
+    is not the first fragment of one."""
     if (
         len(record) < RECORD_HEADER + _HANDSHAKE_HEADER
         or record[0] != CT_HANDSHAKE
@@ -131,7 +140,7 @@ def client_hello_cookie(record: bytes) -> bytes | None:
     pos += 1
     if len(body) < pos + cookie_len:
         return None
-    return body[pos : pos + cookie_len]
+    return ClientHello(random=body[2:34], cookie=body[pos : pos + cookie_len])
 
 
 def pack_datagrams(records: Iterable[bytes], mtu: int) -> list[bytes]:
@@ -311,6 +320,7 @@ class _Session:
     peer: Address
     created: float
     last_activity: float
+    hello_random: bytes
     state: _State = _State.HANDSHAKE
     keep_until: float = 0.0
     retransmit_at: float | None = None
@@ -422,7 +432,8 @@ class DtlsServer:
         # No MTU discovery on a memory BIO; no tickets or resumption (a resumed
         # session carries no chain); no renegotiation (it could swap the client
         # certificate under an established identity).
-        ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
+        no_reneg: int = SSL.OP_NO_RENEGOTIATION  # type: ignore[attr-defined]  # not in the stubs
+        ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET | no_reneg)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_cipher_list(CIPHERS)
         ctx.use_certificate_chain_file(str(self.cert_file))
@@ -454,18 +465,24 @@ class DtlsServer:
             self._drop("malformed")
             return
         session = self._sessions.get(peer)
-        cookie = client_hello_cookie(records[0])
+        hello = parse_client_hello(records[0])
         if session is not None:
-            # A cookie-less ClientHello, or a cookie-bearing one over an open
-            # session, starts a new handshake (the peer restarted): RFC 6347
-            # §4.2.8. Everything else belongs to the session.
-            if cookie is None or (cookie and session.state is _State.HANDSHAKE):
+            # Records and retransmitted ClientHellos (same random) belong to the
+            # session. Any other ClientHello means the peer restarted (RFC 6347
+            # §4.2.8): it goes through the cookie exchange and, once its cookie
+            # is valid, replaces the session.
+            if hello is None or (
+                hello.random == session.hello_random and session.state is _State.HANDSHAKE
+            ):
                 self._feed(session, data, now)
                 return
-        elif cookie is None:
+            if hello.random == session.hello_random:
+                self._drop("stale_hello")  # a late duplicate of the finished handshake's
+                return
+        elif hello is None:
             self._drop("no_session")
             return
-        self._listen(data, peer, now, replacing=session)
+        self._listen(data, peer, now, replacing=session, hello_random=hello.random)
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now`` (retransmissions, timeouts, idle expiry)."""
@@ -539,7 +556,15 @@ class DtlsServer:
         return DtlsStats(len(self._sessions) - self._handshaking, self._handshaking)
 
     # cookie exchange -------------------------------------------------------------
-    def _listen(self, data: bytes, peer: Address, now: float, replacing: _Session | None) -> None:
+    def _listen(
+        self,
+        data: bytes,
+        peer: Address,
+        now: float,
+        *,
+        replacing: _Session | None,
+        hello_random: bytes,
+    ) -> None:
         conn = self._listen_conn
         if conn is None:
             conn = self._listen_conn = SSL.Connection(self._context, None)
@@ -575,7 +600,7 @@ class DtlsServer:
         if replacing is not None:
             # The peer lost its state; its old keys are gone, so no close_notify.
             self._close(replacing, "replaced", notify=False)
-        session = _Session(conn, peer, created=now, last_activity=now)
+        session = _Session(conn, peer, created=now, last_activity=now, hello_random=hello_random)
         conn.set_app_data(session)
         self._sessions[peer] = session
         self._handshaking += 1
@@ -673,12 +698,12 @@ class DtlsServer:
         self._schedule(session, now)
 
     def _established(self, session: _Session, now: float) -> bool:
-        self._handshaking -= 1
-        session.state = _State.OPEN
         decision = session.decision
         if not isinstance(decision, DeviceIdentity):  # pragma: no cover - verify ran
-            self._close(session, "no_identity", notify=True)
+            self._fail(session, "no_identity", None)
             return False
+        self._handshaking -= 1
+        session.state = _State.OPEN
         self.metrics.handshakes.inc(self._name, "accepted", "ok")
         self.metrics.handshake_seconds.observe(now - session.created, self._name)
         log.info(
@@ -724,10 +749,9 @@ class DtlsServer:
         timeout = session.conn.DTLSv1_get_timeout()
         session.retransmit_at = None if timeout is None else now + timeout
         due = session.due(self.settings)
+        # Only an earlier deadline needs a new heap entry; a later one is found
+        # when the current entry pops (lazy re-arming keeps the heap small).
         if due < session.scheduled:
-            session.scheduled = due
-            heapq.heappush(self._timers, (due, next(self._tie), session))
-        elif session.scheduled == math.inf:  # pragma: no cover - due is always finite
             session.scheduled = due
             heapq.heappush(self._timers, (due, next(self._tie), session))
 
@@ -762,10 +786,8 @@ class DtlsServer:
 
     def _close(self, session: _Session, reason: str, *, notify: bool) -> None:
         if session.state is _State.OPEN and notify:
-            try:
+            with contextlib.suppress(SSL.Error):
                 session.conn.shutdown()
-            except SSL.Error:
-                pass
             self._flush(session)
         self._remove(session, reason)
 
@@ -834,35 +856,35 @@ class DtlsTrust:
         self.max_chain_length = max_chain_length
         self.server: DtlsServer | None = None
         self._known: dict[x509.Name, list[x509.Certificate]] = {}
-        self._anchor_key: tuple[str, ...] | None = None
-        self._reindex(trust.snapshot)
+        self._known_snap: TrustSnapshot | None = None
+        self._verify_key = self._enabled_key(trust.snapshot)
 
     def verify_certificates(self) -> list[x509.Certificate]:
         return [*self.trust.snapshot.enabled_anchor_certificates(), *self.intermediates]
 
     def decide(self, chain: Sequence[x509.Certificate]) -> Decision:
-        self._reindex(self.trust.snapshot)
+        snap = self.trust.snapshot
+        if snap is not self._known_snap:  # snapshots are immutable: index once each
+            anchors = [a[0].cert for a in snap.by_fingerprint.values()]
+            self._known = index_by_subject([*anchors, *self.intermediates])
+            self._known_snap = snap
         full = complete_chain(chain, self._known, self.max_chain_length)
         return self.trust.decide_der([c.public_bytes(Encoding.DER) for c in full], self.listener)
 
     async def on_change(self, snap: TrustSnapshot, changes: object) -> None:
-        """TrustState listener: refresh the verify store when anchors changed."""
-        if self._reindex(snap) and self.server is not None:
-            self.server.set_trust(self.verify_certificates())
+        """TrustState listener: rebuild OpenSSL's verify store when the set of
+        enabled anchors changed."""
+        key = self._enabled_key(snap)
+        if key != self._verify_key:
+            self._verify_key = key
+            if self.server is not None:
+                self.server.set_trust(self.verify_certificates())
 
-    def _reindex(self, snap: TrustSnapshot) -> bool:
-        key = tuple(
-            sorted(
-                f"{fp}:{int(any(a.enabled for a in anchors))}"
-                for fp, anchors in snap.by_fingerprint.items()
-            )
+    @staticmethod
+    def _enabled_key(snap: TrustSnapshot) -> frozenset[str]:
+        return frozenset(
+            fp for fp, anchors in snap.by_fingerprint.items() if any(a.enabled for a in anchors)
         )
-        if key == self._anchor_key:
-            return False
-        self._anchor_key = key
-        anchors = [anchors[0].cert for anchors in snap.by_fingerprint.values()]
-        self._known = index_by_subject([*anchors, *self.intermediates])
-        return True
 
 
 # asyncio glue ----------------------------------------------------------------------

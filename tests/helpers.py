@@ -83,6 +83,8 @@ class RunningGateway:
     pki: Pki
     mqtt_port: int = 0
     service_port: int = 0
+    https_port: int = 0
+    """Bound port of the HTTPS listener (management API); 0 when disabled."""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -129,6 +131,7 @@ async def start_gateway(
         mqtt=ListenerConfig(host="127.0.0.1", port=0),
         mqtt_service=ListenerConfig(host="127.0.0.1", port=0),
         admin=ListenerConfig(host="127.0.0.1", port=0),
+        https=replace(base.listeners.https, host="127.0.0.1", port=0),
     )
     cfg = replace(
         base,
@@ -144,7 +147,10 @@ async def start_gateway(
     )
     gw = Gateway(cfg, store=store)
     await gw.start()
-    return RunningGateway(gw, store, cfg, pki, gw.port("mqtt"), gw.port("mqtt_service"))
+    https_port = gw.port("https") if "https" in gw.http else 0
+    return RunningGateway(
+        gw, store, cfg, pki, gw.port("mqtt"), gw.port("mqtt_service"), https_port
+    )
 
 
 async def stop_gateway(rg: RunningGateway) -> None:

@@ -5,8 +5,12 @@
   top of ``cryptography.x509.verification``);
 - :mod:`trust.snapshot` is the immutable view of the store a decision reads;
 - :mod:`trust.policy` decides a connection: tenant, revocation, device user;
-- :mod:`trust.anchors`, :mod:`trust.revocation`, :mod:`trust.pop` validate what
-  operators upload.
+- :mod:`trust.crl` indexes and checks CRLs; :mod:`trust.crl_cache` schedules online
+  CRL fetches and answers the online revocation check;
+- :mod:`trust.anchors`, :mod:`trust.revocation`, :mod:`trust.pop`, :mod:`trust.bulk`
+  validate what operators upload;
+- :mod:`trust.ca` (tenant CA), :mod:`trust.est` (EST enrollment, RFC 7030) and
+  :mod:`trust.tokens` (device access tokens) are the enrollment and token cores.
 
 Every decision takes ``now`` as an argument, so tests cover expiry without
 sleeping.

@@ -315,8 +315,8 @@ def check_csr(csr: x509.CertificateSigningRequest) -> str:
     """Check what we require of any CSR and return its Common Name.
 
     Raises :class:`CsrRejected` (400) when the key is not EC P-256/P-384 or
-    RSA 2048-8192, the self-signature (proof of possession, RFC 2986 §3 and
-    RFC 7030 §3.4 "linking identity and POP") does not verify or uses MD5/SHA-1,
+    RSA 2048-8192, the self-signature (proof of possession: RFC 2986 §3,
+    RFC 7030 §3.4) does not verify or uses MD5/SHA-1,
     or the subject has not exactly one non-empty CN. Other subject attributes
     are allowed (OpenSSL's defaults add C/ST/O) and ignored.
     """
@@ -373,8 +373,8 @@ def sign_device_certificate(
     CA:false, keyUsage digitalSignature (+ keyEncipherment for RSA), EKU
     clientAuth, SKI/AKI, a fresh random serial, valid one year from ``now``.
     Nothing else of the CSR is used: requested extensions (a CA:true, extra
-    EKUs, SANs) and other subject attributes are ignored, as RFC 7030 §4.2.1
-    leaves the certificate's content to the CA.
+    EKUs, SANs) and other subject attributes are ignored: what a certificate
+    says is this CA's policy, never the requester's.
 
     notAfter is clamped to the CA's notAfter: RFC 5280 path validation would
     refuse the certificate past that point anyway, so the certificate states
@@ -400,8 +400,8 @@ def sign_device_certificate(
             status=403,
         )
     public = csr.public_key()
-    # check_csr admitted only these two key families.
-    assert isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):  # pragma: no cover
+        raise CsrRejected("unsupported key")  # check_csr admits only these two families
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
@@ -412,8 +412,8 @@ def sign_device_certificate(
         .not_valid_after(min(now + DEVICE_VALIDITY, ca_not_after))
         # RFC 5280 §4.2.1.9: an end entity is CA:false.
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        # RFC 5280 §4.2.1.3: TLS client authentication signs; an RSA key may
-        # also be used for RSA key transport (RFC 5246 §7.4.2 conventions).
+        # RFC 5280 §4.2.1.3: TLS client authentication only signs; RSA device
+        # certificates conventionally also allow keyEncipherment.
         .add_extension(
             _key_usage(
                 digital_signature=True, key_encipherment=isinstance(public, rsa.RSAPublicKey)
@@ -467,8 +467,7 @@ def _add_months(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=day)
 
 
-def _spki(key: object) -> bytes:
-    assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+def _spki(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 

@@ -191,7 +191,8 @@ def _csr_der(body: bytes) -> bytes:
     # lengths (0x81/0x82) are not base64 characters, so DER is never mistaken
     # for base64 text.
     if stripped[0] == 0x30 and not _B64_CHARS.fullmatch(_WHITESPACE.sub(b"", stripped)):
-        return body
+        # Only leading whitespace can be dropped: trailing octets may be DER.
+        return body.lstrip()
     return _b64decode(stripped, "the request body")
 
 

@@ -71,7 +71,7 @@ TOKEN_RESPONSE_PREFIX = b"71,"
 _EC_ALGS = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _ASYMMETRIC = frozenset({*_EC_ALGS, *_RSA_ALGS, "EdDSA"})
-_MAX_CHAIN = 16
+_MAX_CHAIN = 32
 _HEX = re.compile(r"[0-9a-f]{1,40}")
 
 
@@ -194,13 +194,18 @@ class TokenSigner:
         if seconds <= 0:
             raise ValueError("token lifetime must be positive")
         iat = _timestamp(now)
+        chain = identity.chain_serials
+        if chain[:1] != (identity.leaf_serial,):  # the verified chain starts at the leaf
+            chain = (identity.leaf_serial, *chain)
+        if len(chain) > _MAX_CHAIN:
+            raise ValueError(f"a chain of more than {_MAX_CHAIN} certificates cannot be bound")
         payload = {
             "iss": self._issuer,
             "sub": identity.username,
             "tenant": identity.tenant,
             "device": identity.device_id,
             "serial": identity.serial_hex,
-            "chain": [format(s, "x") for s in identity.chain_serials],
+            "chain": [format(s, "x") for s in chain],
             "anchor": identity.anchor_fingerprint,
             "iat": iat,
             "nbf": iat,
@@ -340,7 +345,9 @@ class TokenVerifier:
         for name, value in times.items():
             # bool is an int in Python, not a NumericDate (RFC 7519 §2).
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise TokenError(TokenReason.BAD_CLAIMS, f"claim {name!r} must be a NumericDate")
+                raise TokenError(
+                    TokenReason.BAD_CLAIMS, f"claim {name!r} must be an integer NumericDate"
+                )
             if value > 253402300799:  # 9999-12-31T23:59:59Z: keeps datetime in range
                 raise TokenError(TokenReason.BAD_CLAIMS, f"claim {name!r} is out of range")
         if times["exp"] <= times["nbf"]:

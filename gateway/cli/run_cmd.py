@@ -174,7 +174,7 @@ def check_server_certificate(cert: ServerCertificate | None, warn_days: int, now
             "server certificate %s (%s) expires in %d days, on %s: replace it and send SIGHUP",
             cert.path,
             cert.subject,
-            int(left),
+            round(left),
             cert.not_after.isoformat(),
         )
 
@@ -223,10 +223,11 @@ class _Daemon:
         try:
             new = self.load()
         except ConfigError as exc:
+            # still reload the certificate: rotating it must not depend on the file
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
-            new = running
-        applied = _applicable(running, new)
-        later = changed_keys(applied, new)
+            new = None
+        applied = running if new is None else _applicable(running, new)
+        later = [] if new is None else changed_keys(applied, new)
         if later:
             log.warning(
                 "SIGHUP: changed settings that take effect only after a restart: %s",
@@ -256,12 +257,12 @@ class _Daemon:
             check_server_certificate(
                 cert, applied.lifecycle.cert_expiry_warning_days, datetime.now(UTC)
             )
-        applied_keys = changed_keys(running, gw.config)
-        log.info(
-            "SIGHUP: configuration reloaded from %s (applied: %s)",
-            new.source,
-            ", ".join(applied_keys) or "no changes",
-        )
+        if new is not None:
+            log.info(
+                "SIGHUP: configuration reloaded from %s (applied: %s)",
+                new.source,
+                ", ".join(changed_keys(running, gw.config)) or "no changes",
+            )
 
     async def _watch_expiry(self) -> None:
         while True:

@@ -255,7 +255,9 @@ class Authenticator:
         proof = self._proof(creds, user)
         if proof is not None and self._is_verified(proof, now):
             return self._principal(user)
-        wait = max(self.by_address.retry_after(address, now), self.by_user.retry_after(user_key, now))
+        wait = max(
+            self.by_address.retry_after(address, now), self.by_user.retry_after(user_key, now)
+        )
         if wait > 0:
             raise ApiError(
                 429,
@@ -297,7 +299,9 @@ class Authenticator:
         if user is None:
             return None
         material = "\x00".join((user.tenant, user.username, user.password_hash, creds.password))
-        return hmac.new(self._cache_key, material.encode("utf-8", "replace"), hashlib.sha256).digest()
+        return hmac.new(
+            self._cache_key, material.encode("utf-8", "replace"), hashlib.sha256
+        ).digest()
 
     def _is_verified(self, proof: bytes, now: float) -> bool:
         until = self._verified.get(proof)

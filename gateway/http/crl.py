@@ -6,7 +6,8 @@ tenant CA when the tenant has one (:attr:`HttpContext.tenant_ca_signer`),
 otherwise by a per-tenant CRL-signing key the gateway creates on first use:
 an EC P-256 key sealed with the KEK (:mod:`gateway.secrets`), kept with its
 self-signed certificate in tenant option :data:`SIGNER_OPTION`. The
-certificate is downloadable at ``…/settings/crl/signer`` and verifies the CRL: ``openssl crl -inform DER -in t.crl -CAfile signer.pem``.
+certificate is downloadable at ``…/settings/crl/signer`` and verifies the
+CRL: ``openssl crl -inform DER -in t.crl -CAfile signer.pem``.
 
 The CRL is an export of the tenant's list for other systems (its own
 ``nextUpdate`` is a week ahead); the gateway itself checks revocations from
@@ -109,7 +110,7 @@ def build_crl(
         .next_update(now + CRL_VALIDITY)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
             critical=False,
         )
     )

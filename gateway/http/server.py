@@ -243,7 +243,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     goes past it."""
     length = request.content_length
     if length is not None and length > limit:
-        raise ApiError(413, "general/request_too_large", f"request body is larger than {limit} bytes")
+        raise ApiError(
+            413, "general/request_too_large", f"request body is larger than {limit} bytes"
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -269,15 +271,15 @@ async def read_json(request: web.Request, limit: int = MAX_JSON_BYTES) -> dict[s
         value = json.loads(body)
     except (ValueError, RecursionError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ApiError(400, "general/bad_request", f"request body is not valid JSON: {reason}") from None
+        raise ApiError(
+            400, "general/bad_request", f"request body is not valid JSON: {reason}"
+        ) from None
     if not isinstance(value, dict):
         raise ApiError(400, "general/bad_request", "request body must be a JSON object")
     return value
 
 
-async def read_multipart_file(
-    request: web.Request, limit: int, field_name: str = "file"
-) -> bytes:
+async def read_multipart_file(request: web.Request, limit: int, field_name: str = "file") -> bytes:
     """The content of multipart part ``field_name`` (any content type, with or
     without a filename, chunked or not), at most ``limit`` bytes."""
     if not request.content_type.startswith("multipart/"):
@@ -381,7 +383,10 @@ class HttpServer:
         self._runner = runner
         self.bound_port = int(runner.addresses[0][1])
         log.info(
-            "%s listening on %s:%d (%s)", self.name, host, self.bound_port,
+            "%s listening on %s:%d (%s)",
+            self.name,
+            host,
+            self.bound_port,
             "TLS" if ssl_context else "plain HTTP",
         )
 

@@ -25,6 +25,9 @@ host = "127.0.0.1"
 port = 0
 [listeners.admin]
 port = 0
+[listeners.https]
+host = "127.0.0.1"
+port = 0
 """
 
 
