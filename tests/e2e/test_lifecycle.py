@@ -265,14 +265,15 @@ async def test_invalid_config_fails_fast_with_the_key_named(
     path = tmp_path / "bad.toml"
     path.write_text(config)
     started = time.monotonic()
+    data = tmp_path / "data"
     r = await run(
-        [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+        [sys.executable, "-m", "gateway", "run", "--config", str(path), "--data-dir", str(data)],
         timeout=30,
     )
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert time.monotonic() - started < 15
-    assert not (tmp_path / "var").exists()  # nothing was created before failing
+    assert not data.exists()  # nothing was created before failing
     check = await run([sys.executable, "-m", "gateway", "config", "check", str(path)])
     assert check.returncode == 2
     assert message in check.stderr
