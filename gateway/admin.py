@@ -270,6 +270,13 @@ class AdminServer:
             {"name": name, "protocol": lst.listener.value, "host": lst.host, "port": gw.port(name)}
             for name, lst in gw.listeners.items()
         ]
+        for name, server in gw.http.items():
+            lc = getattr(gw.config.listeners, name, None)
+            host = lc.host if lc is not None else ""
+            protocol = "https" if name == "https" else "http"
+            listeners.append(
+                {"name": name, "protocol": protocol, "host": host, "port": server.bound_port}
+            )
         listeners.append(
             {"name": "admin", "protocol": "http", "host": self.host, "port": self._port}
         )

@@ -70,6 +70,7 @@ class Gateway:
             cache_size=cfg.trust.decision_cache_size,
             session_tickets=cfg.tls.session_tickets,
             min_tls=cfg.tls.min_version,
+            outage_grace=cfg.trust.store_outage_grace,
         )
         await self.trust.start()
         self.trust.on_change(self._on_trust_change)
@@ -138,9 +139,10 @@ class Gateway:
         for server in self.http.values():
             await server.stop()
         try:
-            await asyncio.wait_for(
-                self.registry.close_all("shutdown", "gateway shutting down"), grace
-            )
+            if len(self.registry):
+                await asyncio.wait_for(
+                    self.registry.close_all("shutdown", "gateway shutting down"), grace
+                )
         except TimeoutError:
             log.warning(
                 "%d sessions still open after %.1fs: closing them", len(self.registry), grace

@@ -96,6 +96,10 @@ class TrustConfig:
     """Seconds between change-feed polls (changes take effect within about this)."""
     decision_cache_size: int = 100000
     """Chains whose decision is cached (invalidated on every trust change)."""
+    store_outage_grace: float = 300.0
+    """Seconds new handshakes are still decided from the last trust snapshot while the
+    store is unreachable; after that they are refused (``store_unavailable``) until it
+    returns, since the snapshot may miss revocations."""
 
 
 @dataclass(frozen=True, slots=True)

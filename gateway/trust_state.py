@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,7 @@ class TrustState:
         cache_size: int = 100_000,
         session_tickets: bool = False,
         min_tls: str = "1.2",
+        outage_grace: float = 300.0,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -150,6 +152,7 @@ class TrustState:
         self.refresh_interval = refresh_interval
         self.cache_size = cache_size
         self.session_tickets = session_tickets
+        self.outage_grace = outage_grace
         self.min_tls = min_tls
         self.snapshot = TrustSnapshot()
         self._cache: dict[bytes, _Cached] = {}
@@ -165,6 +168,7 @@ class TrustState:
         self._trust_context: ssl.SSLContext | None = None
         self._task: asyncio.Task[None] | None = None
         self.store_healthy = True
+        self.store_down_since: float | None = None
         self.last_refresh_error: str | None = None
 
     # lifecycle -------------------------------------------------------------
@@ -226,12 +230,19 @@ class TrustState:
                 if not self.store_healthy:
                     log.info("store reachable again")
                 self.store_healthy = True
+                self.store_down_since = None
                 self.last_refresh_error = None
             except asyncio.CancelledError:
                 raise
             except (StoreError, OSError) as exc:
                 if self.store_healthy:
-                    log.error("store unavailable, keeping the last trust snapshot: %s", exc)
+                    log.error(
+                        "store unavailable, deciding from the last trust snapshot for up to "
+                        "%.0f s: %s",
+                        self.outage_grace,
+                        exc,
+                    )
+                    self.store_down_since = time.monotonic()
                 self.store_healthy = False
                 self.last_refresh_error = str(exc)
             except Exception:
@@ -339,6 +350,11 @@ class TrustState:
         now = now or datetime.now(UTC)
         if not chain_der:
             return Rejection(Reason.NO_CERTIFICATE, "no client certificate was presented")
+        if self.snapshot_too_stale():
+            return Rejection(
+                Reason.STORE_UNAVAILABLE,
+                "the store has been unreachable for longer than the outage grace period",
+            )
         h = hashlib.sha256(listener.value.encode())
         for der in chain_der:
             h.update(len(der).to_bytes(4, "big"))
@@ -373,6 +389,12 @@ class TrustState:
         if isinstance(decision, DeviceIdentity):
             self._by_leaf[(listener, hashlib.sha256(chain_der[0]).digest())] = key
         return decision
+
+    def snapshot_too_stale(self) -> bool:
+        """True once the store has been unreachable for longer than ``outage_grace``:
+        the last snapshot may then miss revocations, so new devices are refused."""
+        down = self.store_down_since
+        return down is not None and time.monotonic() - down > self.outage_grace
 
     def decide_resumed(
         self, leaf_der: bytes | None, listener: Listener, now: datetime | None = None

@@ -110,7 +110,7 @@ async def _serve(config: Config, *, demo: bool, load: Callable[[], Config]) -> i
             await gateway.stop(0)
             return 1
         daemon = _Daemon(gateway, load)
-        ports = [f"{n}={gateway.port(n)}" for n in gateway.listeners]
+        ports = [f"{n}={gateway.port(n)}" for n in (*gateway.listeners, *gateway.http)]
         if gateway.admin is not None:
             ports.append(f"admin={gateway.admin.bound_port}")
         log.info("mtls-gateway ready (%s); store %s", ", ".join(ports), masked(config)["store"])

@@ -135,6 +135,7 @@ class RegistrationRegistry:
         self._new_id = new_id
         self._by_id: dict[str, Registration] = {}
         self._by_endpoint: dict[tuple[str, str], str] = {}
+        self._by_session: dict[Hashable, set[str]] = {}
         self._expiry: list[tuple[datetime, int, str]] = []
         self._tie = itertools.count()
 
@@ -267,10 +268,11 @@ class RegistrationRegistry:
         """The session closed: its registrations stay (until Update or expiry) but
         are unreachable."""
         out = []
-        for reg in list(self._by_id.values()):
-            if reg.session == session:
+        for reg_id in self._by_session.pop(session, set()):
+            reg = self._by_id.get(reg_id)
+            if reg is not None:
                 detached = replace(reg, session=None)
-                self._by_id[reg.id] = detached
+                self._by_id[reg_id] = detached
                 out.append(detached)
         return out
 
@@ -296,7 +298,12 @@ class RegistrationRegistry:
 
     # internals --------------------------------------------------------------------------
     def _store(self, reg: Registration) -> None:
+        old = self._by_id.get(reg.id)
+        if old is not None and old.session != reg.session:
+            self._unlink_session(old)
         self._by_id[reg.id] = reg
+        if reg.session is not None:
+            self._by_session.setdefault(reg.session, set()).add(reg.id)
         self._by_endpoint[(reg.tenant, reg.endpoint)] = reg.id
         heapq.heappush(self._expiry, (reg.expires_at, next(self._tie), reg.id))
         if len(self._expiry) > 2 * len(self._by_id) + 64:
@@ -305,9 +312,18 @@ class RegistrationRegistry:
             heapq.heapify(self._expiry)
 
     def _remove(self, reg: Registration) -> None:
-        self._by_id.pop(reg.id, None)
+        current = self._by_id.pop(reg.id, None)
+        if current is not None:
+            self._unlink_session(current)
         if self._by_endpoint.get((reg.tenant, reg.endpoint)) == reg.id:
             del self._by_endpoint[(reg.tenant, reg.endpoint)]
+
+    def _unlink_session(self, reg: Registration) -> None:
+        ids = self._by_session.get(reg.session) if reg.session is not None else None
+        if ids is not None:
+            ids.discard(reg.id)
+            if not ids:
+                del self._by_session[reg.session]
 
     def _unique_id(self) -> str:
         while True:

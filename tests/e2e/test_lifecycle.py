@@ -12,6 +12,7 @@ fails when the store goes away; the logs hold no key material or password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -41,13 +42,19 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-UPSTREAM_SECRET = "upstream-Secret-0f9c2e"  # noqa: S105 - a canary the logs must not contain
+UPSTREAM_SECRET = "upstream-Secret-0f9c2e"  # a canary the logs must not contain
 
 BASE_CONFIG = """
 [listeners.mqtt]
 host = "127.0.0.1"
 port = 0
 [listeners.mqtt_service]
+host = "127.0.0.1"
+port = 0
+[listeners.https]
+host = "127.0.0.1"
+port = 0
+[listeners.lwm2m]
 host = "127.0.0.1"
 port = 0
 [listeners.admin]
@@ -132,10 +139,8 @@ class Daemon:
             if exited or remaining <= 0:
                 raise AssertionError(f"no log line matching {pattern!r}:\n{self.log}")
             self._new_line.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_line.wait(), remaining)
-            except TimeoutError:
-                pass
 
     def send(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -390,9 +395,7 @@ async def test_sigterm_disconnects_clients_and_exits_zero_within_grace(
         )  # fmt: skip
         cert3, key3 = d.device(3)
         v311 = asyncio.create_task(
-            asyncio.to_thread(
-                _mqtt311_session_until_closed, d.ports["mqtt"], d.cafile, cert3, key3
-            )
+            asyncio.to_thread(_mqtt311_session_until_closed, d.ports["mqtt"], d.cafile, cert3, key3)
         )
         try:
             assert await wait_until(lambda: _sessions_are(d, 2), timeout=15), d.log
@@ -422,9 +425,7 @@ async def _sessions_are(d: Daemon, n: int) -> bool:
     return await d.live_sessions() == n
 
 
-async def test_metrics_health_status_and_log_hygiene(
-    daemons: list[Daemon], tmp_path: Path
-) -> None:
+async def test_metrics_health_status_and_log_hygiene(daemons: list[Daemon], tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     d = await _start(
@@ -454,7 +455,8 @@ async def test_metrics_health_status_and_log_hygiene(
 
         expected = {
             'mtls_gateway_handshakes_total{listener="mqtt",result="accepted",reason="ok"}': 4,
-            'mtls_gateway_handshakes_total{listener="mqtt",result="rejected",reason="untrusted"}': 1,
+            'mtls_gateway_handshakes_total{listener="mqtt",result="rejected",'
+            'reason="untrusted"}': 1,
             'mtls_gateway_handshakes_total{listener="mqtt",result="rejected",'
             'reason="no_certificate"}': 1,
             'mtls_gateway_mqtt_connect_refused_total{listener="mqtt",'
@@ -494,7 +496,7 @@ async def test_metrics_health_status_and_log_hygiene(
         status = await d.cli("status", "--admin", d.admin_url)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "live sessions: 1" in status.stdout
-        assert re.search(r"mqtt\s+mqtt\s+127\.0\.0\.1:%d" % port, status.stdout), status.stdout
+        assert re.search(rf"mqtt\s+mqtt\s+127\.0\.0\.1:{port}\b", status.stdout), status.stdout
         shown = await d.cli("config", "show", "--config", str(d.config_path), "--json")
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)["mqtt"]["upstream_password"] == "********"

@@ -1,0 +1,199 @@
+"""Scale-out shape: two gateway processes sharing one redis-server and one
+upstream mosquitto (ARCHITECTURE: "Scaling past one machine")."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Mosquitto, Pki, Subscriber, mqtt_pub, run
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+class Daemon:
+    """``mtls-gateway run`` as a subprocess; ports parsed from its ready line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.ports: dict[str, int] = {}
+        self.log: list[str] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, tmp: Path, name: str, store: str, upstream: int, pki: Pki) -> Daemon:
+        cfg = tmp / f"{name}.toml"
+        cfg.write_text(
+            f"""
+store = "{store}"
+[listeners.mqtt]
+host = "127.0.0.1"
+port = 0
+[listeners.mqtt_service]
+host = "127.0.0.1"
+port = 0
+[listeners.https]
+host = "127.0.0.1"
+port = 0
+[listeners.lwm2m]
+host = "127.0.0.1"
+port = 0
+[listeners.admin]
+host = "127.0.0.1"
+port = 0
+[tls]
+server_cert = "{pki.dir / "server.pem"}"
+server_key = "{pki.dir / "server.key"}"
+[mqtt]
+backend = "upstream"
+upstream_port = {upstream}
+[trust]
+store_outage_grace = 60.0
+"""
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--no-demo",
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(tmp / name),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        daemon = cls(proc)
+        await asyncio.wait_for(daemon._ready(), 30)
+        daemon._drain = asyncio.create_task(daemon._drain_output())
+        return daemon
+
+    async def _ready(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            line = (await self.proc.stdout.readline()).decode()
+            if not line:
+                raise AssertionError("daemon exited:\n" + "".join(self.log))
+            self.log.append(line)
+            m = re.search(r"ready \((.*?)\)", line)
+            if m:
+                for part in m.group(1).split(", "):
+                    key, value = part.split("=")
+                    if value.isdigit():
+                        self.ports[key] = int(value)
+                return
+
+    async def _drain_output(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.log.append(line.decode())
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 20)
+        if self._drain is not None:
+            await asyncio.wait_for(self._drain, 5)
+        return code
+
+
+async def cli(*args: str) -> str:
+    r = await run([sys.executable, "-m", "gateway", *args], timeout=30)
+    assert r.returncode == 0, f"{args}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+async def test_two_instances_share_trust_and_messages(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    redis = RedisServer(tmp_path / "redis", persistent=True)
+    redis.start()
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    store = redis.url
+    a = b = None
+    try:
+        await cli("tenants", "create", "t1", "--store", store)
+        await cli("anchors", "add", str(pki.dir / "root.pem"), "--tenant", "t1", "--store", store)
+        await cli("crl", "settings", "--tenant", "t1", "--offline", "on", "--store", store)
+        a = await Daemon.start(tmp_path, "a", store, broker.port, pki)
+        b = await Daemon.start(tmp_path, "b", store, broker.port, pki)
+        ca = str(pki.dir / "server-ca.pem")
+        sub_cert, sub_key, sub_dev = pki.device("on-b")
+        pub_cert, pub_key, _ = pki.device("on-a")
+
+        sub = await Subscriber.start(b.ports["mqtt"], ca, sub_cert, sub_key, "on-b", "fleet/#")
+        try:
+            await asyncio.sleep(1.0)
+            r = await mqtt_pub(a.ports["mqtt"], ca, pub_cert, pub_key, "on-a", "fleet/x", "via-a")
+            assert r.returncode == 0, r.stderr
+            assert await sub.next_line() == "fleet/x via-a"
+
+            # both instances registered their device exactly once in the shared store
+            listed = await cli("devices", "list", "--tenant", "t1", "--store", store)
+            assert "on-a" in listed and "on-b" in listed
+
+            # revoke B's device through the CLI (any instance or the CLI: same feed)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await cli(
+                "crl", "add", f"{sub_dev.cert.serial_number:x}", "--tenant", "t1", "--store", store
+            )
+            await sub.exit(timeout=5)
+            assert loop.time() - start < 3.0
+        finally:
+            await sub.stop()
+        r = await mqtt_pub(b.ports["mqtt"], ca, sub_cert, sub_key, "on-b", "fleet/x", "again")
+        assert r.returncode != 0
+
+        # loss of Redis: known devices keep connecting from the last snapshot,
+        # changes are refused, and everything resumes when Redis returns
+        redis.kill()
+        r = await mqtt_pub(a.ports["mqtt"], ca, pub_cert, pub_key, "on-a", "fleet/y", "no-redis")
+        assert r.returncode == 0, r.stderr
+        refused = await run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "crl",
+                "add",
+                "abcdef",
+                "--tenant",
+                "t1",
+                "--store",
+                store,
+            ],
+            timeout=30,
+        )
+        assert refused.returncode != 0
+        assert "Traceback" not in refused.stderr
+        redis.start(same_port=True)
+        late_cert, late_key, _ = pki.device("late")
+
+        async def accepted() -> bool:
+            res = await mqtt_pub(
+                b.ports["mqtt"], ca, late_cert, late_key, "late", "fleet/z", "back"
+            )
+            return res.returncode == 0
+
+        deadline = loop.time() + 10
+        while not await accepted():
+            assert loop.time() < deadline, "gateway did not recover after Redis came back"
+            await asyncio.sleep(0.5)
+        listed = await cli("devices", "list", "--tenant", "t1", "--store", store)
+        assert "on-a" in listed and "late" in listed
+    finally:
+        codes = []
+        for d in (a, b):
+            if d is not None:
+                codes.append(await d.stop())
+        broker.stop()
+        redis.kill()
+    assert codes == [0, 0]
