@@ -9,7 +9,7 @@ DATA_DIR ?= var
 APT_PACKAGES := mosquitto mosquitto-clients redis-server libcoap3-bin openssl curl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint unit e2e conformance system-deps venv clean format
+.PHONY: run test lint unit e2e conformance system-deps venv clean format bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ e2e: system-deps $(STAMP)
 ## x509-limbo path-validation conformance (see docs/conformance.md).
 conformance: $(STAMP)
 	bash scripts/conformance.sh
+
+## Gateway vs mosquitto benchmark (< 10 min; BENCH_ARGS=--quick for ~1 min). See docs/performance.md.
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

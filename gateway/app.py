@@ -9,9 +9,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 from gateway.admin import AdminServer, ServerCertificate, read_server_certificate
 from gateway.admission import Admission
 from gateway.config import Config
+from gateway.crl_fetcher import STATUS_FILE, CrlFetcher
+from gateway.dtls import DtlsListener, DtlsServer, DtlsSettings, DtlsTrust
 from gateway.http.server import HttpContext, HttpServer, start_http_servers
 from gateway.metrics import GatewayMetrics
 from gateway.sessions import SessionRegistry
@@ -19,9 +23,11 @@ from gateway.store import open_store
 from gateway.store.base import Store
 from gateway.tls import ConnectionLimiter, HandshakeRateLimiter, TlsListener
 from gateway.trust_state import TrustState
+from protocols.lwm2m.server import Lwm2mServer
 from protocols.mqtt.backend import Backend
 from protocols.mqtt.backends import make_backend
 from protocols.mqtt.server import MqttServer
+from trust.certs import CertificateError, load_certificates
 from trust.model import Change, Listener
 from trust.policy import DecisionPolicy
 from trust.snapshot import TrustSnapshot
@@ -48,6 +54,11 @@ class Gateway:
     http: dict[str, HttpServer] = field(default_factory=dict)
     """The HTTPS listener (and the optional plain management listener), by name."""
     http_context: HttpContext | None = None
+    lwm2m: Lwm2mServer | None = None
+    """The LWM2M front-end and device-management API (None when disabled)."""
+    udp_listeners: dict[str, DtlsListener] = field(default_factory=dict)
+    crl: CrlFetcher | None = None
+    """Online revocation: CRL downloads and the online check (``crl.status()``)."""
     _owns_store: bool = False
 
     async def start(self) -> None:
@@ -74,6 +85,7 @@ class Gateway:
         )
         await self.trust.start()
         self.trust.on_change(self._on_trust_change)
+        await self._start_crl()
         self.server_certificate = _describe_server_certificate(cfg.server_cert_path)
 
         self.backend = make_backend(
@@ -114,6 +126,8 @@ class Gateway:
             )
             await listener.start()
             self.listeners[name] = listener
+        if cfg.listeners.lwm2m.enabled:
+            await self._start_lwm2m(admission)
         await self._start_https()
         self.ready = True
 
@@ -127,6 +141,10 @@ class Gateway:
         if name in self.http:
             return self.http[name].bound_port
         return self.listeners[name].bound_port
+
+    def udp_port(self, name: str) -> int:
+        """The bound port of a UDP listener (``lwm2m``)."""
+        return self.udp_listeners[name].bound_port
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, close sessions (MQTT 5: DISCONNECT 0x8B) for up to ``grace``
@@ -149,10 +167,13 @@ class Gateway:
             )
         for listener in self.listeners.values():
             await listener.stop()
+        await self._stop_lwm2m()
         if self.admin is not None:
             await self.admin.stop()
         if self.backend is not None:
             await self.backend.stop()
+        if self.crl is not None:
+            await self.crl.stop()
         if self.trust is not None:
             await self.trust.stop()
         if self.store is not None and self._owns_store:
@@ -165,6 +186,68 @@ class Gateway:
         self.http_context, self.http = await start_http_servers(
             self.store, self.trust, self.registry, self.metrics, self.config
         )
+
+    # LWM2M over CoAP/DTLS (issue 7) --------------------------------------------
+    async def _start_lwm2m(self, admission: Admission) -> None:
+        assert self.trust is not None
+        cfg, lw = self.config, self.config.lwm2m
+        trust = DtlsTrust(
+            self.trust,
+            _lwm2m_intermediates(self.config),
+            max_chain_length=cfg.trust.max_chain_length,
+        )
+        loop = asyncio.get_running_loop()
+        server = DtlsServer(
+            DtlsSettings(
+                mtu=lw.mtu,
+                max_datagram=lw.max_datagram,
+                max_sessions=lw.max_sessions,
+                max_handshakes=lw.max_handshakes,
+                handshake_timeout=lw.handshake_timeout,
+                idle_timeout=lw.idle_timeout,
+                max_chain_length=cfg.trust.max_chain_length,
+            ),
+            cert_file=cfg.server_cert_path,
+            key_file=cfg.server_key_path,
+            decide=trust.decide,
+            metrics=self.metrics,
+            now=loop.time(),
+            verify_certificates=trust.verify_certificates(),
+        )
+        trust.server = server
+        self.trust.on_change(trust.on_change)
+        lc = cfg.listeners.lwm2m
+        listener = DtlsListener(server, lc.host, lc.port)
+        self.lwm2m = Lwm2mServer(
+            listener,
+            self.registry,
+            admission,
+            self.metrics,
+            request_timeout=lw.request_timeout,
+            max_registrations=lw.max_registrations,
+        )
+        await self.lwm2m.start()
+        await listener.start()
+        self.udp_listeners["lwm2m"] = listener
+
+    async def _stop_lwm2m(self) -> None:
+        if self.lwm2m is not None:
+            await self.lwm2m.stop()
+        for udp in self.udp_listeners.values():
+            await udp.stop()
+
+    # online revocation from CRL distribution points (issue 8) -------------------
+    async def _start_crl(self) -> None:
+        # Before the listeners: the first decisions already consult the online check.
+        assert self.trust is not None
+        self.crl = CrlFetcher.from_config(
+            self.config.crl,
+            trust=self.trust,
+            registry=self.registry,
+            metrics=self.metrics,
+            status_path=self.config.data_dir / STATUS_FILE,
+        )
+        await self.crl.start()
 
     # admin listener and server certificate (issue 10) ---------------------------
     async def _start_admin(self) -> None:
@@ -181,8 +264,24 @@ class Gateway:
         assert self.trust is not None
         cfg = self.config
         self.trust.reload_server_certificate(cfg.server_cert_path, cfg.server_key_path)
+        for udp in self.udp_listeners.values():
+            udp.server.set_server_certificate(cfg.server_cert_path, cfg.server_key_path)
         self.server_certificate = _describe_server_certificate(cfg.server_cert_path)
         return self.server_certificate
+
+
+def _lwm2m_intermediates(cfg: Config) -> list[x509.Certificate]:
+    """``lwm2m.intermediates``, else the demo intermediate when it exists."""
+    path = Path(cfg.lwm2m.intermediates) if cfg.lwm2m.intermediates else None
+    if path is None:
+        demo = cfg.data_dir / "demo" / "intermediate-ca.pem"
+        if not demo.exists():
+            return []
+        path = demo
+    try:
+        return load_certificates(path.read_bytes())
+    except (OSError, CertificateError) as exc:
+        raise ValueError(f"lwm2m.intermediates: cannot load {path}: {exc}") from None
 
 
 def _describe_server_certificate(path: Path) -> ServerCertificate | None:

@@ -48,6 +48,9 @@ class ListenersConfig:
     """LWM2M over CoAP/DTLS (UDP)."""
     admin: ListenerConfig = ListenerConfig(host="127.0.0.1", port=8081)
     """Plain-HTTP admin listener: /metrics, /healthz, /readyz, /status. Keep it on loopback."""
+    management: ListenerConfig = ListenerConfig(enabled=False, host="127.0.0.1", port=8444)
+    """Optional plain-HTTP listener serving only the management API (Basic credentials
+    travel unencrypted, so its host must be a loopback address). Off by default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,70 @@ class LifecycleConfig:
     this many days; 0 turns the warning off."""
 
 
+# lwm2m (issue 7) ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Lwm2mConfig:
+    """DTLS and LWM2M settings of the UDP listener ``listeners.lwm2m`` (``[lwm2m]``)."""
+
+    mtu: int = 1280
+    """Largest UDP payload the gateway sends (bytes); DTLS handshake messages are
+    fragmented and packed to fit, and CoAP messages must fit one record."""
+    max_datagram: int = 4096
+    """Incoming datagrams larger than this are dropped and counted."""
+    max_sessions: int = 10000
+    """DTLS sessions at once (open and half-open); more ClientHellos are refused."""
+    max_handshakes: int = 1000
+    """Half-open DTLS handshakes at once (cookie verified, not yet finished)."""
+    handshake_timeout: float = 15.0
+    """Seconds from a verified cookie to a finished DTLS handshake."""
+    idle_timeout: float = 900.0
+    """Seconds without a datagram before a DTLS session is closed; a registered
+    device's session is kept at least for its registration lifetime."""
+    request_timeout: float = 20.0
+    """Seconds a server-initiated read/write/execute waits for the device."""
+    max_registrations: int = 100000
+    """Registered endpoints at once; more Registers get 5.03."""
+    intermediates: str = ""
+    """PEM file of intermediate CA certificates devices may omit (libcoap's
+    coap-client sends only its leaf). Used to build chains, never as trust anchors.
+    Empty: ``<data_dir>/demo/intermediate-ca.pem`` when that file exists."""
+
+
+# online revocation (issue 8) ----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CrlConfig:
+    """Online revocation from the certificates' CRL distribution points (``[crl]``).
+
+    Used for tenants whose online CRL check is on (spec: off by default).
+    """
+
+    refresh_margin: float = 0.2
+    """Refetch a CRL when this fraction of its remaining lifetime (until nextUpdate) is
+    left: 0.2 refetches at 80 %. From 0 to below 1."""
+    max_age: float = 3600.0
+    """Seconds: refetch at least this often even when nextUpdate is further away."""
+    fetch_timeout: float = 10.0
+    """Seconds one download may take (connect and body)."""
+    max_size: int = 10 * 1024 * 1024
+    """Largest CRL accepted, in bytes (checked while downloading)."""
+    missing_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """Without a current CRL (never fetched, past nextUpdate, unusable): ``fail_closed``
+    refuses the device (``crl_unavailable``), ``fail_open`` accepts it. Serials on a
+    cached CRL are refused either way."""
+    poll_interval: float = 1.0
+    """Seconds between checks for due fetches (new distribution points are fetched at once)."""
+    retry_min: float = 1.0
+    """Seconds before the first retry of a failed fetch; doubles per failure ..."""
+    retry_max: float = 300.0
+    """... up to this many seconds. The last good CRL stays in use meanwhile."""
+    max_distribution_points: int = 1000
+    """Distribution points tracked at most; beyond it new ones count as unavailable."""
+    allow_file_urls: bool = False
+    """Also read ``file://`` distribution points from this machine (tests, CRLs synced
+    by the operator). Only when every trusted CA is yours: a tenant's CA could
+    otherwise make the gateway read local files."""
+
+
 # -------------------------------------------------------------------------------
 
 
@@ -164,6 +231,8 @@ class Config:
     mqtt: MqttConfig = MqttConfig()
     logging: LoggingConfig = LoggingConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    lwm2m: Lwm2mConfig = Lwm2mConfig()
+    crl: CrlConfig = CrlConfig()
     source: str = field(default="", compare=False)
     """Where the configuration came from (for messages)."""
 
@@ -265,6 +334,13 @@ def validate(config: Config) -> None:
         if other is not None and _hosts_overlap(lc.host, getattr(config.listeners, other).host):
             raise ConfigError(f"{key}.port: {lc.port} is already used by listeners.{other}.port")
         bound[(transport, lc.port)] = f.name
+    mgmt = config.listeners.management
+    if mgmt.enabled and mgmt.host.strip().lower() not in ("127.0.0.1", "::1", "localhost"):
+        # plain HTTP carries Basic credentials in clear: never off the machine
+        raise ConfigError(
+            "listeners.management.host: must be a loopback address (127.0.0.1, ::1 or"
+            f" localhost), got {mgmt.host!r}; use the HTTPS listener for remote access"
+        )
     if bool(config.tls.server_cert) != bool(config.tls.server_key):
         # One without the other would pair a certificate with the demo key (or back).
         given, missing = ("server_cert", "server_key")[:: 1 if config.tls.server_cert else -1]
@@ -301,8 +377,39 @@ def validate(config: Config) -> None:
             "lifecycle.cert_expiry_warning_days: must be 0 (off) or more days, "
             f"got {life.cert_expiry_warning_days}"
         )
+    _validate_lwm2m(config.lwm2m)
+    _validate_crl(config.crl)
     if config.store:
         _check_store_url(config.store)
+
+
+def _validate_lwm2m(lw: Lwm2mConfig) -> None:
+    # OpenSSL refuses DTLS MTUs below 256; above 65507 is not a UDP payload.
+    if not 256 <= lw.mtu <= 65507:
+        raise ConfigError(f"lwm2m.mtu: must be between 256 and 65507 bytes, got {lw.mtu}")
+    if not lw.mtu <= lw.max_datagram <= 65535:
+        raise ConfigError(
+            f"lwm2m.max_datagram: must be between lwm2m.mtu and 65535 bytes, got {lw.max_datagram}"
+        )
+    for name in ("max_sessions", "max_handshakes", "max_registrations"):
+        _positive(f"lwm2m.{name}", getattr(lw, name))
+    for name in ("handshake_timeout", "idle_timeout", "request_timeout"):
+        value = getattr(lw, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"lwm2m.{name}: must be greater than 0 seconds, got {value}")
+
+
+def _validate_crl(crl: CrlConfig) -> None:
+    if not 0 <= crl.refresh_margin < 1:
+        raise ConfigError(
+            f"crl.refresh_margin: must be from 0 to below 1, got {crl.refresh_margin}"
+        )
+    for name in ("max_age", "fetch_timeout", "poll_interval", "retry_min", "retry_max"):
+        _positive(f"crl.{name}", getattr(crl, name))
+    if crl.retry_max < crl.retry_min:
+        raise ConfigError(f"crl.retry_max: must be at least crl.retry_min ({crl.retry_min})")
+    _positive("crl.max_size", crl.max_size)
+    _positive("crl.max_distribution_points", crl.max_distribution_points)
 
 
 _UDP_LISTENERS = frozenset({"lwm2m"})
@@ -334,7 +441,7 @@ def _positive(key: str, value: float) -> None:
 
 def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a table")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.name != "source"}
     for key in raw:

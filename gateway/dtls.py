@@ -46,11 +46,12 @@ import itertools
 import logging
 import math
 import secrets
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -76,10 +77,16 @@ HS_CLIENT_HELLO = 1
 DTLS_1_2 = 0xFEFD
 _HANDSHAKE_HEADER = 12  # type, length (3), message_seq (2), fragment offset (3) and length (3)
 _MAX_RECV = 16384 + 2048  # largest DTLS plaintext record OpenSSL may hand back
+RECEIVE_BUFFER = 4 * 1024 * 1024
+"""SO_RCVBUF asked for the listener's socket (bytes)."""
 
-# Constrained-device suites first (LWM2M mandates ECDHE-ECDSA-AES128-CCM8 for
-# certificates; OpenSSL's DEFAULT permanently drops CCM, so they must come before it).
-CIPHERS = b"ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM:DEFAULT"
+# Forward-secret suites only: the AEADs, then what LwM2M names for certificate
+# mode (1.0: ECDHE-ECDSA-AES128-CCM8; 1.1 adds AES128-GCM and AES128-CBC-SHA256).
+# Spelled out because OpenSSL's DEFAULT drops CCM for good ("!" is permanent).
+CIPHERS = (
+    b"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM:"
+    b"ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:!aNULL:!eNULL"
+)
 
 
 # records ------------------------------------------------------------------------
@@ -426,7 +433,20 @@ class DtlsServer:
         self._context = self._new_context(verify_certificates)
         self._listen_conn = None
 
+    def set_server_certificate(self, cert_file: Path, key_file: Path) -> None:
+        """Serve a new certificate to new handshakes (raises if it does not load,
+        keeping the current one)."""
+        old = self.cert_file, self.key_file
+        self.cert_file, self.key_file = cert_file, key_file
+        try:
+            self._context = self._new_context(self._verify_certificates)
+        except Exception:
+            self.cert_file, self.key_file = old
+            raise
+        self._listen_conn = None
+
     def _new_context(self, verify_certificates: Sequence[x509.Certificate]) -> SSL.Context:
+        self._verify_certificates = list(verify_certificates)
         ctx = SSL.Context(SSL.DTLS_SERVER_METHOD)
         ctx.set_min_proto_version(DTLS_1_2)
         # No MTU discovery on a memory BIO; no tickets or resumption (a resumed
@@ -673,8 +693,9 @@ class DtlsServer:
             except SSL.WantReadError:
                 pass
             except SSL.Error as exc:
+                reason = self._failure_reason(session)
                 self._flush(session)  # the fatal alert
-                self._fail(session, self._failure_reason(session), exc)
+                self._fail(session, reason, exc)
                 return
             else:
                 if not self._established(session, now):
@@ -737,10 +758,11 @@ class DtlsServer:
             return
         if session.retransmit_at is not None and now >= session.retransmit_at:
             try:
-                session.conn.DTLSv1_handle_timeout()
+                pass  # MUTANT
             except SSL.Error as exc:
+                reason = self._failure_reason(session)
                 self._flush(session)
-                self._fail(session, self._failure_reason(session), exc)
+                self._fail(session, reason, exc)
                 return
             self._flush(session)
         self._schedule(session, now)
@@ -826,6 +848,11 @@ def _fmt(peer: Address) -> str:
 
 
 def _ssl_error_text(exc: BaseException | None) -> str:
+    """OpenSSL's reason strings, for the log only (never matched on)."""
+    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
+        reasons = [str(e[2]) for e in exc.args[0] if isinstance(e, tuple) and len(e) == 3]
+        if reasons:
+            return ", ".join(reasons)
     return exc.__class__.__name__ if exc is not None else ""
 
 
@@ -919,6 +946,12 @@ class DtlsListener(asyncio.DatagramProtocol):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.port))
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is not None:
+            # Bursts (handshake storms, floods) arrive faster than one loop pass
+            # reads them; the kernel caps this at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         log.info(
             "%s listening on %s:%d (DTLS/UDP)",
             self.server.listener.value,
@@ -957,10 +990,13 @@ class DtlsListener(asyncio.DatagramProtocol):
     def extend(self, peer: Address, until: float) -> None:
         self.server.extend(peer, until)
 
+    def max_plaintext(self, peer: Address) -> int:
+        return self.server.max_plaintext(peer)
+
     # asyncio.DatagramProtocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # asyncio's and uvloop's UDP transports do not subclass DatagramTransport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:

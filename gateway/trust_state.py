@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway.store.base import NotFound, Store, StoreError
 from trust.certs import CertificateError, load_der_chain
 from trust.model import Change, ChangeKind, Decision, DeviceIdentity, Listener, Reason, Rejection
-from trust.policy import DecisionPolicy, decide
+from trust.policy import DecisionPolicy, OnlineCheck, decide
 from trust.snapshot import TenantTrust, TrustSnapshot, parse_anchor
 
 log = logging.getLogger("mtls_gateway.trust")
@@ -170,6 +170,9 @@ class TrustState:
         self.store_healthy = True
         self.store_down_since: float | None = None
         self.last_refresh_error: str | None = None
+        # Online CRL check (issue 8), installed by gateway.crl_fetcher; it calls
+        # invalidate_decisions() whenever the CRL data changes.
+        self.online: OnlineCheck | None = None
 
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -372,7 +375,7 @@ class TrustState:
             chain = load_der_chain(list(chain_der))
         except CertificateError as exc:
             return Rejection(Reason.MALFORMED, str(exc))
-        decision = decide(chain, self.snapshot, now, listener, self.policy)
+        decision = decide(chain, self.snapshot, now, listener, self.policy, online=self.online)
         if isinstance(decision, DeviceIdentity):
             # never serve a cached accept past the earliest expiry in the chain
             valid_until = min(c.not_valid_after_utc for c in chain)

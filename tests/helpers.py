@@ -85,6 +85,8 @@ class RunningGateway:
     service_port: int = 0
     https_port: int = 0
     """Bound port of the HTTPS listener (management API); 0 when disabled."""
+    lwm2m_port: int = 0
+    """Bound UDP port of the LWM2M (CoAP/DTLS) listener; 0 when disabled."""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -132,6 +134,7 @@ async def start_gateway(
         mqtt_service=ListenerConfig(host="127.0.0.1", port=0),
         admin=ListenerConfig(host="127.0.0.1", port=0),
         https=replace(base.listeners.https, host="127.0.0.1", port=0),
+        lwm2m=replace(base.listeners.lwm2m, host="127.0.0.1", port=0),
     )
     cfg = replace(
         base,
@@ -148,9 +151,10 @@ async def start_gateway(
     gw = Gateway(cfg, store=store)
     await gw.start()
     https_port = gw.port("https") if "https" in gw.http else 0
-    return RunningGateway(
-        gw, store, cfg, pki, gw.port("mqtt"), gw.port("mqtt_service"), https_port
-    )
+    rg = RunningGateway(gw, store, cfg, pki, gw.port("mqtt"), gw.port("mqtt_service"), https_port)
+    if "lwm2m" in gw.udp_listeners:
+        rg.lwm2m_port = gw.udp_port("lwm2m")
+    return rg
 
 
 async def stop_gateway(rg: RunningGateway) -> None:

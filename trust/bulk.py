@@ -115,9 +115,9 @@ def parse_bulk_csv(data: bytes, max_rows: int = MAX_BULK_ROWS) -> BulkParse:
     delimiter = ";" if first.count(";") >= first.count(",") else ","
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     try:
-        header: list[str] = []
-        while not any(h.strip() for h in header):
-            header = next(reader)
+        header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+        if header is None:
+            raise BulkCsvError("CSV file has no header line such as ID;AUTH_TYPE")
         columns = _columns(header)
         body: list[tuple[int, list[str]]] = []
         for row in reader:

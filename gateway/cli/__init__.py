@@ -19,6 +19,8 @@ _GROUPS = (
     "gateway.cli.run_cmd",
     "gateway.cli.trust_cmd",
     "gateway.cli.store_cmds",
+    "gateway.cli.api_cmds",  # admin-users, bulk-register
+    "gateway.cli.crl_cmd",  # adds `crl status` to store_cmds' `crl` group
     "gateway.cli.config_cmd",
     "gateway.cli.fleet_cmd",
 )

@@ -18,7 +18,14 @@ from gateway.cli.store_cmds import (
     print_json,
     run_store_command,
 )
-from gateway.demo import DEMO_TENANT, DEVICE_IDS, DemoError, DemoReport, ensure_demo
+from gateway.demo import (
+    DEMO_TENANT,
+    DEVICE_IDS,
+    LWM2M_DEVICE_ID,
+    DemoError,
+    DemoReport,
+    ensure_demo,
+)
 
 DEFAULT_DATA_DIR = Path("var")
 
@@ -70,6 +77,10 @@ def next_steps(data_dir: Path, *, default: bool) -> list[str]:
         f"mosquitto_pub {tls} --cert {q(pub_id + '.pem')} --key {q(pub_id + '.key')}"
         f" -i {pub_id} -t {DEMO_TENANT}/hello -m 'hello from {pub_id}'",
         f"mtls-gateway trust verify {q(sub_id + '.pem')} --tenant {DEMO_TENANT}{opts}",
+        # LWM2M (issue 7): register over CoAP/DTLS with libcoap's client
+        f"coap-client-openssl -m post -c {q(LWM2M_DEVICE_ID + '.pem')}"
+        f" -j {q(LWM2M_DEVICE_ID + '.key')} -R {q('server-ca.pem')} -e '</1/0>,</3/0>'"
+        f" 'coaps://127.0.0.1:5684/rd?ep={LWM2M_DEVICE_ID}&lt=300&lwm2m=1.1'",
     ]
 
 

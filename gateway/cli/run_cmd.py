@@ -125,8 +125,12 @@ async def _serve(config: Config, *, demo: bool, load: Callable[[], Config]) -> i
     return 0
 
 
-# Settings SIGHUP applies; everything else is read once at start.
+RELOADED_ON_SIGHUP = ("tls.server_cert", "tls.server_key", "logging.*", "lifecycle.*")
+"""Settings SIGHUP applies (documented in docs/configuration.md); the rest need a restart."""
+
+
 def _applicable(running: Config, new: Config) -> Config:
+    """``running`` with the settings of ``new`` that SIGHUP applies."""
     return replace(
         running,
         tls=replace(running.tls, server_cert=new.tls.server_cert, server_key=new.tls.server_key),

@@ -181,6 +181,10 @@ class FailureLimiter:
         self.max_keys = max_keys
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
+    def __len__(self) -> int:
+        """Keys currently tracked."""
+        return len(self._failures)
+
     def retry_after(self, key: str, now: float) -> float:
         """Seconds until ``key`` may try again; 0 when not blocked."""
         times = self._expire(key, now)
@@ -193,10 +197,10 @@ class FailureLimiter:
         times = self._expire(key, now)
         if times is None:
             times = self._failures[key] = deque()
-            if len(self._failures) > self.max_keys:
-                self._prune(now)
         times.append(now)
         self._failures.move_to_end(key)
+        if len(self._failures) > self.max_keys:
+            self._prune(now)
         return len(times) == self.limit
 
     def forgive(self, key: str) -> None:

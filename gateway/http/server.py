@@ -78,6 +78,7 @@ MAX_JSON_BYTES = 4 << 20
 """Largest JSON request body (a bulk upload of many PEM certificates fits)."""
 MAX_REQUEST_BYTES = 8 << 20
 """aiohttp's own cap for anything read with ``request.read()``."""
+MAX_MULTIPART_PARTS = 16
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -107,7 +108,7 @@ class HttpContext:
 
 
 CTX = web.AppKey("mtls_gateway_http_context", HttpContext)
-_OPENAPI = web.AppKey("mtls_gateway_openapi", bytes)
+_OPENAPI = web.AppKey("mtls_gateway_openapi", dict[str, bytes])
 
 
 class ApiError(Exception):
@@ -288,31 +289,30 @@ async def read_multipart_file(request: web.Request, limit: int, field_name: str 
         )
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
         raise ApiError(413, "general/request_too_large", f"upload is larger than {limit} bytes")
+    budget = limit + 64 * 1024  # everything read, other parts included, counts against it
     try:
         reader = await request.multipart()
-        while True:
+        for _ in range(MAX_MULTIPART_PARTS):
             part = await reader.next()
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
-                await part.release()  # nested multipart: not ours
-                continue
-            if part.name != field_name:
-                await part.release()
-                continue
+                raise ApiError(400, "general/bad_request", "nested multipart is not supported")
+            wanted = part.name == field_name
             chunks: list[bytes] = []
-            size = 0
             while True:
                 chunk = await part.read_chunk(64 * 1024)
                 if not chunk:
                     break
-                size += len(chunk)
-                if size > limit:
+                budget -= len(chunk)
+                if budget < 0 or (wanted and sum(map(len, chunks)) + len(chunk) > limit):
                     raise ApiError(
                         413, "general/request_too_large", f"file is larger than {limit} bytes"
                     )
-                chunks.append(chunk)
-            return b"".join(chunks)
+                if wanted:
+                    chunks.append(chunk)
+            if wanted:
+                return b"".join(chunks)
     except (ApiError, web.HTTPException, asyncio.CancelledError):
         raise
     except Exception as exc:  # aiohttp raises assorted types on malformed multipart
@@ -336,19 +336,19 @@ def peer_chain(request: web.Request) -> list[bytes] | None:
 
 
 async def _openapi(request: web.Request) -> web.Response:
-    app = request.app
-    if _OPENAPI not in app:
-        data = await asyncio.to_thread(
+    cache = request.app[_OPENAPI]  # filled on first use: no file I/O at start-up
+    if "document" not in cache:
+        cache["document"] = await asyncio.to_thread(
             resources.files("gateway").joinpath("openapi.yaml").read_bytes
         )
-        app[_OPENAPI] = data
-    return web.Response(body=app[_OPENAPI], content_type="application/yaml", charset="utf-8")
+    return web.Response(body=cache["document"], content_type="application/yaml", charset="utf-8")
 
 
 def build_app(ctx: HttpContext, modules: Sequence[str] = ROUTE_MODULES) -> web.Application:
     """The application with ``/openapi.yaml`` and every module's routes."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REQUEST_BYTES)
     app[CTX] = ctx
+    app[_OPENAPI] = {}
     app.router.add_get("/openapi.yaml", _openapi)
     for name in modules:
         module = importlib.import_module(name)
@@ -424,8 +424,8 @@ async def start_http_servers(
             server = HttpServer(build_app(ctx), "https")
             await server.start(https.host, https.port, trust.server_context(Listener.HTTPS))
             servers["https"] = server
-        management: ListenerConfig | None = getattr(config.listeners, "management", None)
-        if management is not None and management.enabled:
+        management: ListenerConfig = config.listeners.management
+        if management.enabled:
             server = HttpServer(build_app(ctx, MANAGEMENT_ROUTE_MODULES), "management")
             await server.start(management.host, management.port, None)
             servers["management"] = server

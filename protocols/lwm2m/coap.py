@@ -9,7 +9,7 @@ owns what aiocoap would otherwise do over its own sockets:
   (§4.5);
 * our own requests are confirmable, one outstanding at a time (NSTART = 1,
   §4.7), retransmitted after a random initial timeout in [ACK_TIMEOUT,
-  ACK_TIMEOUT × ACK_RANDOM_FACTOR] that doubles each time, and fail after
+  ACK_TIMEOUT * ACK_RANDOM_FACTOR] that doubles each time, and fail after
   MAX_RETRANSMIT retransmissions (§4.2); responses are matched by token, both
   piggybacked and separate (§5.2);
 * a CON ping or an unparsable/unexpected CON is answered with RST (§4.2, §4.3);
@@ -41,12 +41,12 @@ class TransmissionParameters:
 
     @property
     def max_transmit_span(self) -> float:
-        """§4.8.2: ACK_TIMEOUT × (2^MAX_RETRANSMIT − 1) × ACK_RANDOM_FACTOR (45 s)."""
-        return self.ack_timeout * (2**self.max_retransmit - 1) * self.ack_random_factor
+        """§4.8.2: ACK_TIMEOUT * (2^MAX_RETRANSMIT - 1) * ACK_RANDOM_FACTOR (45 s)."""
+        return self.ack_timeout * ((1 << self.max_retransmit) - 1) * self.ack_random_factor
 
     @property
     def exchange_lifetime(self) -> float:
-        """§4.8.2: MAX_TRANSMIT_SPAN + 2 × MAX_LATENCY + PROCESSING_DELAY (247 s)."""
+        """§4.8.2: MAX_TRANSMIT_SPAN + 2 * MAX_LATENCY + PROCESSING_DELAY (247 s)."""
         return self.max_transmit_span + 2 * self.max_latency + self.ack_timeout
 
     @property
@@ -92,7 +92,15 @@ CoapEvent = IncomingRequest | ResponseReceived | RequestFailed | Dropped
 
 
 class CoapError(Exception):
-    """A local error: our message is too large, or too many requests are queued."""
+    """A local error: our message cannot be sent."""
+
+
+class MessageTooLarge(CoapError):
+    """The encoded message exceeds ``max_message_size`` (one DTLS record)."""
+
+
+class QueueFull(CoapError):
+    """Too many requests are already waiting for this peer."""
 
 
 # state --------------------------------------------------------------------------------
@@ -144,6 +152,10 @@ class CoapPeer:
         """One CoAP message from the peer."""
         self._expire_seen(now)
         try:
+            if data and data[0] & 0x0F > 8:
+                # token lengths 9-15 are a format error (§3); aiocoap would accept
+                # some of them as RFC 8974 extended tokens, which we do not speak
+                raise ValueError("token length")
             msg = Message.decode(data)
         except Exception:  # aiocoap raises UnparsableMessage, ValueError, ...
             if len(data) >= 4 and data[0] >> 6 == 1 and (data[0] >> 4) & 3 == Type.CON:
@@ -215,7 +227,7 @@ class CoapPeer:
             response.mid = self._next_mid()
         data = response.encode()
         if len(data) > self.max_message_size:
-            raise CoapError(f"response of {len(data)} bytes exceeds {self.max_message_size}")
+            raise MessageTooLarge(f"response of {len(data)} bytes exceeds {self.max_message_size}")
         self._out.append(data)
         seen = self._seen.get(request.mid)
         if seen is not None and request.mtype is Type.CON:
@@ -224,14 +236,14 @@ class CoapPeer:
     def request(self, message: Message, now: float) -> bytes:
         """Queue a confirmable request; returns its token (see the events)."""
         if len(self._queue) >= self.max_queue:
-            raise CoapError("too many requests queued for this peer")
+            raise QueueFull("too many requests queued for this peer")
         token = self._new_token()
         message.token = token
         message.mtype = Type.CON
         message.mid = 0
         size = len(message.encode())
         if size > self.max_message_size:
-            raise CoapError(f"request of {size} bytes exceeds {self.max_message_size}")
+            raise MessageTooLarge(f"request of {size} bytes exceeds {self.max_message_size}")
         outgoing = _Outgoing(token, message)
         self._awaiting[token] = outgoing
         self._queue.append(outgoing)

@@ -41,7 +41,10 @@ def test_spec_example() -> None:
 
 
 def test_comma_separated_without_otp_bom_and_lower_case_header() -> None:
-    data = "\ufeffid,credentials,auth_type,name\r\ndev-1,,CERTIFICATES,One\r\n\r\ndev-2,,certificates,\r\n"
+    data = (
+        "\ufeffid,credentials,auth_type,name\r\n"
+        "dev-1,,CERTIFICATES,One\r\n\r\ndev-2,,certificates,\r\n"
+    )
     result = parse_bulk_csv(data.encode())
     assert [r.device_id for r in result.rows] == ["dev-1", "dev-2"]
     assert result.rows[0].otp is None
@@ -144,3 +147,9 @@ def test_arbitrary_tables_never_crash(table: list[list[str]]) -> None:
         return
     for row in result.rows:
         assert row.device_id and row.device_id == row.device_id.strip()
+
+
+@pytest.mark.parametrize("data", [b";", b";;\n,\n", b'"";""\n'])
+def test_header_of_separators_only(data: bytes) -> None:
+    with pytest.raises(BulkCsvError, match="header"):
+        parse_bulk_csv(data)

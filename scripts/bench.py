@@ -1,0 +1,1045 @@
+#!/usr/bin/env python3
+"""Benchmark: the gateway against Debian's mosquitto, side by side, in one run.
+
+Tests (each alternates gateway / mosquitto rounds, A B A B, so drift cancels):
+
+1. full new mTLS handshakes per second, ECDSA P-256 chain of 3 certificates
+   (device, intermediate, root): connect, handshake, MQTT CONNECT, CONNACK,
+   DISCONNECT, close; gateway with the complete policy (anchor, offline
+   revocation on with entries, pre-registered device lookup) and an upstream
+   mosquitto backend, versus mosquitto with ``require_certificate true``,
+   ``use_identity_as_username true`` and the same CA;
+2. the same with RSA 2048;
+3. idle connections held and RSS per connection at 2,000 and 10,000;
+4. QoS 0 publish throughput device -> subscriber, through the gateway
+   (upstream mosquitto) versus mosquitto directly;
+5. EST enrollments per second (not available yet).
+
+The servers (the gateway *and* its upstream broker, or mosquitto alone) are
+pinned to the first CPU, the load generators (Python, one process per
+remaining CPU, the same client for both servers) to the others. Prints
+medians, min/max and gateway/mosquitto ratios; writes
+``var/bench/result-<timestamp>.json``. ``--quick`` takes about a minute.
+No assertions: the benchmark prints, people judge (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import random
+import resource
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway import operations as ops  # noqa: E402
+from gateway.fleet.driver import ConnectFailure, Device, DriverOptions, client_context  # noqa: E402
+from gateway.fleet.mqtt_client import MqttConnection, open_mqtt  # noqa: E402
+from gateway.fleet.pki import Manifest, generate_fleet, load_manifest  # noqa: E402
+from gateway.fleet.register import StoreRegistrar, register_fleet  # noqa: E402
+from gateway.fleet.run import install_fast_loop, read_rss_kb  # noqa: E402
+from gateway.store.sqlite import SqliteStore  # noqa: E402
+from protocols.mqtt.codec import Disconnect, Publish, encode  # noqa: E402
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+DISCONNECT = encode(Disconnect(), 4)
+TENANTS = {"ec": "bench", "rsa": "bench-rsa"}
+REVOKED_ENTRIES = 200
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and durations of one benchmark run."""
+
+    name: str
+    ec_devices: int
+    rsa_devices: int
+    rounds: int
+    handshake_seconds: float
+    idle_steps: tuple[int, ...]
+    idle_rounds: tuple[int, ...]
+    """Rounds per idle step (the largest step runs once to stay in time)."""
+    qos0_seconds: float
+    concurrency: int = 128
+    warmup: float = 1.0
+
+
+FULL = Profile("full", 10_000, 300, 3, 10.0, (2_000, 10_000), (3, 1), 8.0)
+QUICK = Profile("quick", 2_000, 100, 3, 3.0, (1_000,), (1,), 3.0, warmup=0.5)
+
+
+# ----------------------------------------------------------------------------------
+# small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_ticks(pids: Sequence[int]) -> int:
+    """utime + stime of the processes (clock ticks)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def plan_cpus() -> tuple[set[int], set[int], str]:
+    """(server CPUs, load CPUs, note)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return set(), set(), "no CPU affinity on this platform: nothing pinned"
+    if len(cpus) < 2:
+        return set(), set(), "one CPU: servers and load share it (nothing pinned)"
+    return {cpus[0]}, set(cpus[1:]), f"servers on CPU {cpus[0]}, load on CPUs {cpus[1:]}"
+
+
+def pin(cpus: set[int]) -> None:
+    if cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(0, cpus)
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (inherited by children)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "rounds": list(values)}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "rounds": [round(v, 3) for v in vals],
+    }
+
+
+# ----------------------------------------------------------------------------------
+# servers
+
+
+class Server:
+    """A server process (or two: the gateway and its upstream broker)."""
+
+    def __init__(self, name: str, procs: list[subprocess.Popen[bytes]], port: int) -> None:
+        self.name = name
+        self.procs = procs
+        self.port = port
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def rss_kb(self) -> list[int]:
+        return [read_rss_kb(pid) or 0 for pid in self.pids]
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def _popen(cmd: list[str], logfile: Path, cpus: set[int]) -> subprocess.Popen[bytes]:
+    out = logfile.open("ab")
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=(lambda: pin(cpus)) if cpus else None,
+            cwd=str(logfile.parent),
+        )
+    finally:
+        out.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start (code {proc.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def start_mosquitto_plain(work: Path, cpus: set[int]) -> Server:
+    port = free_port()
+    conf = work / f"upstream-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "user root\nmax_queued_messages 100000\n"
+    )
+    proc = _popen([MOSQUITTO, "-c", str(conf)], work / "upstream.log", cpus)
+    _wait_port(port, proc, "upstream mosquitto")
+    return Server("upstream", [proc], port)
+
+
+def start_mosquitto_tls(work: Path, cafile: Path, fleet: Manifest, cpus: set[int]) -> Server:
+    port = free_port()
+    conf = work / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {cafile}\n"
+        f"certfile {fleet.dir / 'server.pem'}\n"
+        f"keyfile {fleet.dir / 'server.key'}\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+        "persistence false\n"
+        # keys are 0600 root-owned: do not drop to the mosquitto user
+        "user root\n"
+        "max_queued_messages 100000\n"
+    )
+    proc = _popen([MOSQUITTO, "-c", str(conf)], work / "mosquitto.log", cpus)
+    _wait_port(port, proc, "mosquitto")
+    return Server("mosquitto", [proc], port)
+
+
+GATEWAY_CONFIG = """\
+event_loop = "{loop}"
+[listeners.mqtt]
+host = "127.0.0.1"
+port = 0
+[listeners.mqtt_service]
+enabled = false
+[listeners.https]
+enabled = false
+[listeners.lwm2m]
+enabled = false
+[listeners.admin]
+host = "127.0.0.1"
+port = 0
+[tls]
+server_cert = "{cert}"
+server_key = "{key}"
+[limits]
+max_connections = 1000000
+handshake_rate = 1000000.0
+handshake_burst = 1000000
+[mqtt]
+backend = "upstream"
+upstream_host = "127.0.0.1"
+upstream_port = {upstream}
+"""
+
+
+def start_gateway(work: Path, data: Path, fleet: Manifest, loop: str, cpus: set[int]) -> Server:
+    upstream = start_mosquitto_plain(work, cpus)
+    cfg = work / "gateway.toml"
+    cfg.write_text(
+        GATEWAY_CONFIG.format(
+            loop=loop,
+            cert=fleet.dir / "server.pem",
+            key=fleet.dir / "server.key",
+            upstream=upstream.port,
+        )
+    )
+    logfile = work / "gateway.log"
+    start = logfile.stat().st_size if logfile.exists() else 0
+    cmd = [sys.executable, "-m", "gateway", "run", "--config", str(cfg)]
+    cmd += ["--data-dir", str(data), "--no-demo"]
+    proc = _popen(cmd, logfile, cpus)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            upstream.stop()
+            raise RuntimeError(f"gateway exited at start; see {logfile}")
+        with logfile.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            if "mtls-gateway ready (" in line:
+                ports = line.split("ready (", 1)[1].split(")", 1)[0]
+                port = int(dict(p.split("=") for p in ports.split(", "))["mqtt"])
+                return Server("gateway", [proc, *upstream.procs], port)
+        time.sleep(0.1)
+    proc.kill()
+    upstream.stop()
+    raise RuntimeError(f"gateway not ready within 60 s; see {logfile}")
+
+
+# ----------------------------------------------------------------------------------
+# load generator: persistent processes pinned to the load CPUs, one command at a time
+
+
+def _device_contexts(devices: Sequence[Device]) -> list[tuple[str, ssl.SSLContext]]:
+    # server verification is left out: it costs the client, not the server under test
+    opts = DriverOptions(cafile=None)
+    return [(d.device_id, client_context(d, opts)) for d in devices]
+
+
+async def _churn(
+    contexts: list[tuple[str, ssl.SSLContext]],
+    port: int,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Closed-loop handshakes: connect, TLS, CONNECT, CONNACK, DISCONNECT, close."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    start, end = t0 + warmup, t0 + warmup + seconds
+    done = 0
+    failures: dict[str, int] = {}
+    latency: list[float] = []
+    cpu0 = time.process_time()
+
+    async def cycle(j: int) -> None:
+        nonlocal done
+        i, n = j, len(contexts)
+        while loop.time() < end:
+            device_id, ctx = contexts[i % n]
+            i += concurrency  # each loop owns its devices: no client id is used twice at once
+            try:
+                conn = await open_mqtt(
+                    "127.0.0.1", port, ctx, client_id=device_id, connect_timeout=5.0
+                )
+            except ConnectFailure as exc:
+                if start <= loop.time() < end:
+                    failures[exc.reason] = failures.get(exc.reason, 0) + 1
+                continue
+            conn.write(DISCONNECT)
+            conn.transport.close()
+            if start <= loop.time() < end:
+                done += 1
+                t = conn.timings
+                latency.append(t.tcp + t.tls + t.accept)
+
+    await asyncio.gather(*(cycle(j) for j in range(min(concurrency, len(contexts)))))
+    cpu = time.process_time() - cpu0
+    await asyncio.sleep(0.5)  # let the closes go out
+    return {"done": done, "failures": failures, "latency": latency, "cpu": cpu}
+
+
+async def _hold(
+    index: int,
+    devices: list[Device],
+    port: int,
+    concurrency: int,
+    limit: float,
+    cmds: Any,
+    out: Any,
+) -> dict[str, Any]:
+    """One idle connection per device (failures retried twice); hold until told."""
+    conns: list[MqttConnection] = []
+    failures: dict[str, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+    opts = DriverOptions(cafile=None, keepalive=600)
+
+    async def one(d: Device) -> None:
+        async with sem:
+            ctx = client_context(d, opts)
+            for _ in range(3):
+                try:
+                    conn = await open_mqtt(
+                        "127.0.0.1",
+                        port,
+                        ctx,
+                        client_id=d.device_id,
+                        keepalive=600,
+                        connect_timeout=5.0,
+                    )
+                except ConnectFailure as exc:
+                    failures[exc.reason] = failures.get(exc.reason, 0) + 1
+                else:
+                    conns.append(conn)
+                    return
+
+    t0 = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(one(d) for d in devices)), limit)
+    out.put(
+        (
+            "held",
+            index,
+            {
+                "connected": len(conns),
+                "failures": failures,
+                "seconds": round(time.monotonic() - t0, 2),
+            },
+        )
+    )
+    with contextlib.suppress(queue.Empty):
+        await asyncio.to_thread(cmds.get, True, limit)  # ("release",)
+    alive = sum(1 for c in conns if c.failure is None)
+    for c in conns:
+        c.abort()
+    return {"aliveAtRelease": alive}
+
+
+async def _pubsub(
+    index: int,
+    role: str,
+    devices: list[Device],
+    port: int,
+    topic: str,
+    warmup: float,
+    seconds: float,
+    cmds: Any,
+    out: Any,
+) -> dict[str, Any]:
+    """``sub``: devices[0] subscribes and counts; ``pub``: the devices publish QoS 0 at
+    full speed (pre-encoded, flow-controlled); ``both``: one process does both."""
+    loop = asyncio.get_running_loop()
+    conns = []
+    for device_id, ctx in _device_contexts(devices):
+        conns.append(
+            await open_mqtt("127.0.0.1", port, ctx, client_id=device_id, connect_timeout=10.0)
+        )
+    sub = conns[0] if role in ("sub", "both") else None
+    pubs = conns[1:] if role == "both" else ([] if role == "sub" else conns)
+    if sub is not None:
+        await sub.subscribe(topic + "/#")
+    out.put(("ready", index, None))
+    await asyncio.to_thread(cmds.get, True, 60)  # ("go",)
+    t0 = loop.time()
+    start, end = t0 + warmup, t0 + warmup + seconds
+    batch = encode(Publish(topic + "/data", b"x" * 64), 4) * 32
+    sent = 0
+
+    async def blast(conn: MqttConnection) -> None:
+        nonlocal sent
+        while loop.time() < end + 0.5 and conn.failure is None:
+            conn.write(batch)
+            sent += 32
+            try:
+                await conn.drain()
+            except ConnectFailure:
+                return
+            await asyncio.sleep(0)
+
+    async def count() -> tuple[int, str | None]:
+        assert sub is not None
+        await asyncio.sleep(start - loop.time())
+        n0 = sub.received
+        await asyncio.sleep(end - loop.time())
+        return sub.received - n0, sub.failure
+
+    tasks = [blast(c) for c in pubs]
+    received: tuple[int, str | None] | None = None
+    if sub is not None:
+        received, *_ = await asyncio.gather(count(), *tasks)
+    else:
+        await asyncio.gather(*tasks)
+    for conn in conns:
+        await conn.disconnect()
+    result: dict[str, Any] = {"sent": sent}
+    if received is not None:
+        result["received"], result["subscriberLost"] = received
+    return result
+
+
+def load_main(index: int, cpus: set[int], cmds: Any, out: Any) -> None:
+    """A load process: executes commands from ``cmds`` until ``("stop",)``."""
+    pin(cpus)
+    install_fast_loop()
+    contexts: dict[str, list[tuple[str, ssl.SSLContext]]] = {}
+    out.put(("up", index, None))
+    while True:
+        try:
+            cmd = cmds.get(timeout=3600)
+        except queue.Empty:
+            return
+        name, params = cmd[0], cmd[1:]
+        try:
+            if name == "stop":
+                return
+            if name == "contexts":
+                key, devices = params
+                contexts[key] = _device_contexts(devices)
+                result: Any = len(contexts[key])
+            elif name == "churn":
+                key, *rest = params
+                result = asyncio.run(_churn(contexts[key], *rest))
+            elif name == "hold":
+                result = asyncio.run(_hold(index, *params, cmds, out))
+            elif name == "pubsub":
+                result = asyncio.run(_pubsub(index, *params, cmds, out))
+            else:
+                raise ValueError(f"unknown command {name!r}")
+        except Exception as exc:
+            out.put(("error", index, f"{name}: {exc.__class__.__name__}: {exc}"))
+            continue
+        out.put(("result", index, result))
+
+
+class LoadPool:
+    """The load processes, started once for the whole benchmark."""
+
+    def __init__(self, n: int, cpus: set[int]) -> None:
+        ctx = mp.get_context("spawn")
+        self.out: Any = ctx.Queue()
+        self.cmds: list[Any] = [ctx.Queue() for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=load_main, args=(i, cpus, self.cmds[i], self.out), daemon=True)
+            for i in range(n)
+        ]
+        for p in self.procs:
+            p.start()
+        self.collect("up", range(n), 60)
+
+    @property
+    def size(self) -> int:
+        return len(self.procs)
+
+    def send(self, index: int, *cmd: Any) -> None:
+        self.cmds[index].put(cmd)
+
+    def collect(self, kind: str, workers: Sequence[int] | range, timeout: float) -> list[Any]:
+        """The ``kind`` replies of ``workers`` (in worker order); raises on errors/timeouts."""
+        got: dict[int, Any] = {}
+        end = time.monotonic() + timeout
+        while len(got) < len(workers):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"load: {len(got)}/{len(workers)} '{kind}' in {timeout:.0f}s")
+            try:
+                k, index, payload = self.out.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if not all(p.is_alive() for p in self.procs):
+                    raise RuntimeError("a load process died") from None
+                continue
+            if k == "error":
+                raise RuntimeError(f"load process {index}: {payload}")
+            if k == kind:
+                got[index] = payload
+        return [got[i] for i in sorted(got)]
+
+    def close(self) -> None:
+        for i in range(self.size):
+            with contextlib.suppress(Exception):
+                self.send(i, "stop")
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def _split(devices: Sequence[Device], parts: int) -> list[list[Device]]:
+    return [list(devices[i::parts]) for i in range(parts)]
+
+
+# ----------------------------------------------------------------------------------
+# tests
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    profile: Profile
+    work: Path
+    server_cpus: set[int]
+    load_cpus: set[int]
+    pool: LoadPool
+    fleets: dict[str, Manifest] = field(default_factory=dict)
+    cafile: Path = Path()
+    data: Path = Path()
+    notes: list[str] = field(default_factory=list)
+
+    def gateway(self) -> Server:
+        return start_gateway(
+            self.work, self.data, self.fleets["ec"], self.args.gateway_loop, self.server_cpus
+        )
+
+    def mosquitto(self) -> Server:
+        return start_mosquitto_tls(self.work, self.cafile, self.fleets["ec"], self.server_cpus)
+
+    def _window(self, server: Server, seconds: float) -> float:
+        """Sleep through the warm-up and the window; the server's CPU seconds in it."""
+        time.sleep(self.profile.warmup)
+        t0 = cpu_ticks(server.pids)
+        time.sleep(seconds)
+        return (cpu_ticks(server.pids) - t0) / CLK_TCK
+
+    # 1, 2 ---------------------------------------------------------------------------
+    def handshakes(self, key: str, gateway: Server, mosq: Server) -> dict[str, Any]:
+        p = self.profile
+        k = self.pool.size
+        for i, part in enumerate(_split(self.fleets[key].good, k)):
+            self.pool.send(i, "contexts", key, part)
+        self.pool.collect("result", range(k), 300)
+        names = ("gateway", "mosquitto")
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        per_cpu: dict[str, list[float]] = {n: [] for n in names}
+        cpu_pct: dict[str, list[float]] = {n: [] for n in names}
+        failures: dict[str, dict[str, int]] = {n: {} for n in names}
+        latency: dict[str, list[float]] = {n: [] for n in names}
+        client_cpu: list[float] = []
+        conc = max(1, p.concurrency // k)
+        for r in range(p.rounds):
+            for server in (gateway, mosq):
+                for i in range(k):
+                    self.pool.send(
+                        i, "churn", key, server.port, conc, p.warmup, p.handshake_seconds
+                    )
+                used = self._window(server, p.handshake_seconds)
+                results = self.pool.collect("result", range(k), p.handshake_seconds + 60)
+                done = sum(x["done"] for x in results)
+                name = server.name
+                rates[name].append(done / p.handshake_seconds)
+                cpu_pct[name].append(100 * used / p.handshake_seconds)
+                per_cpu[name].append(done / used if used > 0 else 0.0)
+                client_cpu.append(100 * sum(x["cpu"] for x in results) / p.handshake_seconds)
+                for x in results:
+                    latency[name] += x["latency"]
+                    for reason, n in x["failures"].items():
+                        failures[name][reason] = failures[name].get(reason, 0) + n
+                log(
+                    f"  {key} round {r + 1} {name:9} {rates[name][-1]:7.1f} handshakes/s,"
+                    f" server CPU {cpu_pct[name][-1]:5.1f}%, {per_cpu[name][-1]:6.1f}/CPU-s,"
+                    f" load CPU {client_cpu[-1]:5.1f}%, failures {sum(failures[name].values())}"
+                )
+                if not server.alive():
+                    raise RuntimeError(f"{name} died during the handshake test")
+        out: dict[str, Any] = {"unit": "handshakes/s", "concurrency": conc * k}
+        for name in names:
+            lat = sorted(latency[name])
+            out[name] = summary(rates[name])
+            out[name]["perServerCpuSecond"] = summary(per_cpu[name])
+            out[name]["serverCpuPercent"] = summary(cpu_pct[name])
+            out[name]["failures"] = failures[name]
+            out[name]["cycleMsP50"] = round(1000 * lat[len(lat) // 2], 2) if lat else None
+        out["loadCpuPercent"] = summary(client_cpu)
+        out["ratio"] = _ratio(out, "median")
+        out["ratioPerCpu"] = _ratio_nested(out, "perServerCpuSecond")
+        out["target"] = ">= 1.5"
+        return out
+
+    # 3 -----------------------------------------------------------------------------
+    def idle(self, step: int, rounds: int) -> dict[str, Any]:
+        devices = self.fleets["ec"].good[:step]
+        if len(devices) < step:
+            raise RuntimeError(f"idle step {step}: only {len(devices)} devices in the fleet")
+        names = ("gateway", "mosquitto")
+        per_conn: dict[str, list[float]] = {n: [] for n in names}
+        gw_only: list[float] = []
+        failures: dict[str, dict[str, int]] = {n: {} for n in names}
+        connected: dict[str, list[int]] = {n: [] for n in names}
+        for r in range(rounds):
+            for name in names:
+                server = self.gateway() if name == "gateway" else self.mosquitto()
+                try:
+                    time.sleep(1.0)
+                    base = server.rss_kb()
+                    held, rss = self._hold(server, devices)
+                finally:
+                    server.stop()
+                n = sum(h["connected"] for h in held)
+                connected[name].append(n)
+                for h in held:
+                    for reason, c in h["failures"].items():
+                        failures[name][reason] = failures[name].get(reason, 0) + c
+                delta = [a - b for a, b in zip(rss, base, strict=True)]
+                per_conn[name].append(sum(delta) / n if n else float("nan"))
+                if name == "gateway":
+                    gw_only.append(delta[0] / n if n else float("nan"))
+                log(
+                    f"  idle {step} round {r + 1} {name:9} {n} held,"
+                    f" RSS {'+'.join(str(x // 1024) for x in rss)} MB,"
+                    f" {per_conn[name][-1]:.1f} KB/connection,"
+                    f" failures {sum(failures[name].values())}"
+                )
+        out: dict[str, Any] = {"unit": "KB/connection", "connections": step}
+        out["gateway"] = summary(gw_only)
+        out["gatewayWithUpstream"] = summary(per_conn["gateway"])
+        out["mosquitto"] = summary(per_conn["mosquitto"])
+        for name in names:
+            out[name]["connected"] = connected[name]
+            out[name]["failures"] = failures[name]
+        out["ratio"] = _ratio(out, "median")
+        g = out["gatewayWithUpstream"]["median"]
+        m = out["mosquitto"]["median"]
+        out["ratioWithUpstream"] = round(g / m, 3) if g and m else None
+        if out["gateway"]["median"]:
+            out["extrapolated100kGiB"] = round(out["gateway"]["median"] * 100_000 / 1024**2, 2)
+        out["target"] = "<= 1.0"
+        return out
+
+    def _hold(self, server: Server, devices: Sequence[Device]) -> tuple[list[Any], list[int]]:
+        k = self.pool.size
+        limit = 300.0
+        parts = _split(devices, k)
+        for i, part in enumerate(parts):
+            self.pool.send(i, "hold", part, server.port, 64, limit)
+        try:
+            held = self.pool.collect("held", range(k), limit + 10)
+            time.sleep(2.0)  # let both sides settle
+            rss = server.rss_kb()
+        finally:
+            for i in range(k):
+                self.pool.send(i, "release")
+        self.pool.collect("result", range(k), 60)
+        return held, rss
+
+    # 4 -----------------------------------------------------------------------------
+    def qos0(self, gateway: Server, mosq: Server) -> dict[str, Any]:
+        p = self.profile
+        good = self.fleets["ec"].good
+        sub_dev, pub_devs = good[-1], list(good[-5:-1])
+        names = ("gateway", "mosquitto")
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        cpu_pct: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(p.rounds):
+            for server in (gateway, mosq):
+                topic = f"bench/q0/{r}"
+                args = (server.port, topic, p.warmup, p.qos0_seconds)
+                if self.pool.size >= 2:
+                    self.pool.send(0, "pubsub", "sub", [sub_dev], *args)
+                    self.pool.send(1, "pubsub", "pub", pub_devs, *args)
+                    workers: Sequence[int] = (0, 1)
+                else:
+                    self.pool.send(0, "pubsub", "both", [sub_dev, *pub_devs], *args)
+                    workers = (0,)
+                self.pool.collect("ready", workers, 60)
+                for i in workers:
+                    self.pool.send(i, "go")
+                used = self._window(server, p.qos0_seconds)
+                results = self.pool.collect("result", workers, p.qos0_seconds + 60)
+                received = next(x["received"] for x in results if "received" in x)
+                rates[server.name].append(received / p.qos0_seconds)
+                cpu_pct[server.name].append(100 * used / p.qos0_seconds)
+                log(
+                    f"  qos0 round {r + 1} {server.name:9} {rates[server.name][-1]:9.0f} msg/s,"
+                    f" server CPU {cpu_pct[server.name][-1]:5.1f}%"
+                )
+        out: dict[str, Any] = {"unit": "messages/s", "publishers": len(pub_devs)}
+        for name in names:
+            out[name] = summary(rates[name])
+            out[name]["serverCpuPercent"] = summary(cpu_pct[name])
+        out["ratio"] = _ratio(out, "median")
+        out["target"] = ">= 0.8"
+        return out
+
+
+def _ratio(out: dict[str, Any], key: str) -> float | None:
+    g, m = out["gateway"][key], out["mosquitto"][key]
+    return round(g / m, 3) if g and m else None
+
+
+def _ratio_nested(out: dict[str, Any], key: str) -> float | None:
+    g, m = out["gateway"][key]["median"], out["mosquitto"][key]["median"]
+    return round(g / m, 3) if g and m else None
+
+
+# ----------------------------------------------------------------------------------
+# set-up
+
+
+def fleet_dir(cache: Path, key: str, count: int) -> Manifest:
+    """A cached fleet (3-certificate chains) with at least ``count`` devices."""
+    d = cache / f"fleet-{key}-{count}"
+    with contextlib.suppress(Exception):
+        m = load_manifest(d)
+        if len(m.devices) >= count:
+            return m
+    shutil.rmtree(d, ignore_errors=True)
+    t = time.monotonic()
+    generate_fleet(d, count, key_type=key, intermediate=True, prefix=f"{key}-")  # type: ignore[arg-type]
+    log(f"generated {count} {key.upper()} devices in {time.monotonic() - t:.1f}s")
+    return load_manifest(d)
+
+
+async def prepare_store(data: Path, fleets: dict[str, Manifest]) -> None:
+    """Tenants with the fleet roots, offline revocation on with entries, devices registered."""
+    store = SqliteStore(data / "gateway.db")
+    await store.open()
+    try:
+        now = datetime.now(UTC)
+        rng = random.Random(7)
+        for key, fleet in fleets.items():
+            tenant = TENANTS[key]
+            await register_fleet(
+                StoreRegistrar(store, now, "bench"), fleet, tenant, preregister=True
+            )
+            serials = [
+                (format(rng.getrandbits(120) | 1, "x"), None) for _ in range(REVOKED_ENTRIES)
+            ]
+            await ops.add_revocations(store, tenant, serials, now, "bench")
+            await ops.set_revocation_settings(store, tenant, now, "bench", offline=True)
+    finally:
+        await store.close()
+
+
+def machine() -> dict[str, Any]:
+    try:
+        mosq = subprocess.run(
+            [MOSQUITTO, "-h"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        mosq = "unknown"
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpuModel": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "mosquitto": mosq,
+    }
+
+
+# ----------------------------------------------------------------------------------
+# report
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _cell(s: dict[str, Any], digits: int) -> str:
+    return f"{_fmt(s['median'], digits)} [{_fmt(s['min'], digits)}-{_fmt(s['max'], digits)}]"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key, label in (
+        ("handshakes_ec", "mTLS handshakes, ECDSA chain"),
+        ("handshakes_rsa", "mTLS handshakes, RSA 2048"),
+    ):
+        t = results.get(key)
+        if t:
+            rows.append(
+                (
+                    f"{label} (/s)",
+                    _cell(t["gateway"], 0),
+                    _cell(t["mosquitto"], 0),
+                    _fmt(t["ratio"], 2) + "x",
+                    t["target"],
+                )
+            )
+            rows.append(
+                (
+                    "  per server CPU-second",
+                    _cell(t["gateway"]["perServerCpuSecond"], 0),
+                    _cell(t["mosquitto"]["perServerCpuSecond"], 0),
+                    _fmt(t["ratioPerCpu"], 2) + "x",
+                    "",
+                )
+            )
+    for t in results.get("idle", []):
+        n = t["connections"]
+        rows.append(
+            (
+                f"idle memory, {n:,} conns (KB/conn)",
+                _cell(t["gateway"], 1),
+                _cell(t["mosquitto"], 1),
+                _fmt(t["ratio"], 2) + "x",
+                t["target"],
+            )
+        )
+        rows.append(
+            (
+                "  gateway + its upstream broker",
+                _cell(t["gatewayWithUpstream"], 1),
+                "",
+                _fmt(t["ratioWithUpstream"], 2) + "x",
+                "",
+            )
+        )
+    t = results.get("qos0")
+    if t:
+        rows.append(
+            (
+                "QoS 0 device->subscriber (msg/s)",
+                _cell(t["gateway"], 0),
+                _cell(t["mosquitto"], 0),
+                _fmt(t["ratio"], 2) + "x",
+                t["target"],
+            )
+        )
+    if "est" in results:
+        rows.append(("EST enrollments (/s)", "not available yet", "n/a", "-", ">= 500/s"))
+    headers = ("test", "gateway median [min-max]", "mosquitto median [min-max]", "ratio", "target")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print()
+    for row in (headers, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print()
+
+
+# ----------------------------------------------------------------------------------
+# main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="about one minute, small sizes")
+    ap.add_argument("--rounds", type=int, help="rounds per test (at least 3 recommended)")
+    ap.add_argument(
+        "--only",
+        default="handshakes-ec,handshakes-rsa,idle,qos0,est",
+        help="comma-separated subset of handshakes-ec,handshakes-rsa,idle,qos0,est",
+    )
+    ap.add_argument(
+        "--gateway-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the gateway's event_loop setting (default: auto, as shipped)",
+    )
+    ap.add_argument("--idle-steps", help="comma-separated idle connection counts")
+    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench", help="result directory")
+    args = ap.parse_args()
+    profile = QUICK if args.quick else FULL
+    if args.rounds:
+        profile = Profile(**{**profile.__dict__, "rounds": args.rounds})
+    if args.idle_steps:
+        steps = tuple(int(s) for s in args.idle_steps.split(","))
+        profile = Profile(
+            **{**profile.__dict__, "idle_steps": steps, "idle_rounds": tuple(1 for _ in steps)}
+        )
+    only = set(args.only.split(","))
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    server_cpus, load_cpus, cpu_note = plan_cpus()
+    soft, hard = raise_nofile()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / f"work-{stamp}"
+    work.mkdir()
+    notes = [cpu_note]
+    log(f"profile {profile.name}; {cpu_note}; RLIMIT_NOFILE {soft}/{hard}")
+
+    # the largest idle step must fit the gateway's descriptors: device + upstream socket each
+    steps: list[tuple[int, int]] = []
+    if "idle" in only:
+        for step, rounds in zip(profile.idle_steps, profile.idle_rounds, strict=True):
+            need = 2 * step + 200
+            if need > soft:
+                fit = (soft - 200) // 2 // 500 * 500
+                msg = (
+                    f"{step:,}-connection idle step skipped: RLIMIT_NOFILE is {soft} and cannot be"
+                    f" raised here, the gateway needs about {need} descriptors (a device socket"
+                    f" and an upstream socket per connection)"
+                )
+                if fit >= 1000 and fit not in profile.idle_steps:
+                    msg += f"; measuring {fit:,} connections instead"
+                    steps.append((fit, rounds))
+                print(msg, file=sys.stderr)
+                notes.append(msg)
+            else:
+                steps.append((step, rounds))
+
+    cache = args.out / "cache"
+    ec_count = max([profile.ec_devices, *(s for s, _ in steps)])
+    fleets = {"ec": fleet_dir(cache, "ec", ec_count)}
+    if "handshakes-rsa" in only:
+        fleets["rsa"] = fleet_dir(cache, "rsa", profile.rsa_devices)
+    data = work / "data"
+    data.mkdir()
+    asyncio.run(prepare_store(data, fleets))
+    log("store prepared (tenants, anchors, revocations, device users)")
+
+    pin(load_cpus)  # this process and the load processes stay off the servers' CPU
+    nload = max(1, len(load_cpus) or (os.cpu_count() or 1))
+    pool = LoadPool(nload, load_cpus)
+    bench = Bench(args, profile, work, server_cpus, load_cpus, pool, fleets, notes=notes)
+    bench.data = data
+    bench.cafile = work / "clients-ca.pem"
+    bench.cafile.write_bytes(b"".join(f.root_cert.read_bytes() for f in fleets.values()))
+
+    results: dict[str, Any] = {}
+    gateway = mosq = None
+    try:
+        if only & {"handshakes-ec", "handshakes-rsa", "qos0"}:
+            gateway, mosq = bench.gateway(), bench.mosquitto()
+            if "handshakes-ec" in only:
+                log("handshakes, ECDSA P-256 chain")
+                results["handshakes_ec"] = bench.handshakes("ec", gateway, mosq)
+            if "handshakes-rsa" in only:
+                log("handshakes, RSA 2048 chain")
+                results["handshakes_rsa"] = bench.handshakes("rsa", gateway, mosq)
+            if "qos0" in only:
+                log("QoS 0 throughput")
+                results["qos0"] = bench.qos0(gateway, mosq)
+            gateway.stop()
+            mosq.stop()
+            gateway = mosq = None
+        if steps:
+            results["idle"] = []
+            for step, rounds in steps:
+                log(f"idle connections: {step}")
+                results["idle"].append(bench.idle(step, rounds))
+        if "est" in only:
+            # TODO(issue 6): EST enrollments per second once the EST endpoint exists.
+            print("EST: not available yet", file=sys.stderr)
+            results["est"] = {"status": "not available yet", "target": ">= 500/s"}
+    finally:
+        for server in (gateway, mosq):
+            if server is not None:
+                server.stop()
+        pool.close()
+    elapsed = time.monotonic() - started
+    doc = {
+        "started": stamp,
+        "profile": profile.__dict__,
+        "gatewayLoop": args.gateway_loop,
+        "seconds": round(elapsed, 1),
+        "machine": machine(),
+        "rlimitNofile": [soft, hard],
+        "notes": bench.notes,
+        "results": results,
+    }
+    out = args.out / f"result-{stamp}.json"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print_table(results)
+    for note in bench.notes:
+        print(f"note: {note}")
+    print(f"total {elapsed:.0f}s; results in {out}")
+    shutil.rmtree(work / "data", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
