@@ -9,7 +9,7 @@ DATA_DIR ?= var
 APT_PACKAGES := mosquitto mosquitto-clients redis-server libcoap3-bin openssl curl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint unit e2e conformance system-deps venv clean format bench
+.PHONY: run test lint unit e2e conformance system-deps venv clean format bench docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ conformance: $(STAMP)
 ## Gateway vs mosquitto benchmark (< 10 min; BENCH_ARGS=--quick for ~1 min). See docs/performance.md.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+## Regenerate docs/configuration.md and docs/api.md from their sources.
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_config_docs.py
+	$(BIN)/python scripts/gen_api_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

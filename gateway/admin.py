@@ -277,6 +277,10 @@ class AdminServer:
             listeners.append(
                 {"name": name, "protocol": protocol, "host": host, "port": server.bound_port}
             )
+        for name, udp in gw.udp_listeners.items():
+            listeners.append(
+                {"name": name, "protocol": f"{name}/udp", "host": udp.host, "port": udp.bound_port}
+            )
         listeners.append(
             {"name": "admin", "protocol": "http", "host": self.host, "port": self._port}
         )
@@ -307,4 +311,6 @@ class AdminServer:
                 ],
             },
             "serverCertificate": cert.as_json(now) if cert is not None else None,
+            # online revocation, read by `mtls-gateway crl status --admin URL`
+            "crl": gw.crl.status(now) if gw.crl is not None else None,
         }

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from gateway.admin import AdminServer, ServerCertificate, read_server_certificate
 from gateway.admission import Admission
+from gateway.ca_service import CaAutoRenewal, ca_service_for
 from gateway.config import Config
 from gateway.crl_fetcher import STATUS_FILE, CrlFetcher
 from gateway.dtls import DtlsListener, DtlsServer, DtlsSettings, DtlsTrust
@@ -59,6 +60,8 @@ class Gateway:
     udp_listeners: dict[str, DtlsListener] = field(default_factory=dict)
     crl: CrlFetcher | None = None
     """Online revocation: CRL downloads and the online check (``crl.status()``)."""
+    ca_renewal: CaAutoRenewal | None = None
+    """The yearly tenant-CA auto-renewal task (issue 6)."""
     _owns_store: bool = False
 
     async def start(self) -> None:
@@ -129,6 +132,7 @@ class Gateway:
         if cfg.listeners.lwm2m.enabled:
             await self._start_lwm2m(admission)
         await self._start_https()
+        await self._start_ca_renewal()
         self.ready = True
 
     async def _on_trust_change(self, snap: TrustSnapshot, changes: list[Change]) -> None:
@@ -156,6 +160,8 @@ class Gateway:
             await listener.stop_accepting()
         for server in self.http.values():
             await server.stop()
+        if self.ca_renewal is not None:
+            await self.ca_renewal.stop()
         try:
             if len(self.registry):
                 await asyncio.wait_for(
@@ -186,6 +192,13 @@ class Gateway:
         self.http_context, self.http = await start_http_servers(
             self.store, self.trust, self.registry, self.metrics, self.config
         )
+
+    # tenant CA auto-renewal (issue 6) -------------------------------------------
+    async def _start_ca_renewal(self) -> None:
+        assert self.http_context is not None
+        service = ca_service_for(self.http_context)
+        self.ca_renewal = CaAutoRenewal(service, self.config.ca.auto_renew)
+        await self.ca_renewal.start()
 
     # LWM2M over CoAP/DTLS (issue 7) --------------------------------------------
     async def _start_lwm2m(self, admission: Admission) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "MTLS_GATEWAY_"
 
@@ -211,6 +213,105 @@ class CrlConfig:
     otherwise make the gateway read local files."""
 
 
+# tenant certificate authority and EST (issue 6) ---------------------------------
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    """Tenant certificate authorities and EST enrollment (``[ca]``)."""
+
+    organisation: str = "mtls-gateway"
+    """``O=`` of every tenant CA subject (``CN=<tenantId>, O=<organisation>``), 1-64 chars."""
+    key_type: Literal["ec", "rsa"] = "ec"
+    """Key of new tenant CAs: ``ec`` (ECDSA P-256) or ``rsa`` (RSA 3072)."""
+    feature_default: bool = True
+    """Whether the certificate-authority feature is on for tenants that never set it."""
+    auto_renew: str = "10-02 02:00"
+    """Yearly auto-renewal moment, ``MM-DD HH:MM`` UTC (spec: 2 October 02:00); "" = off."""
+    est_auth_failures: int = 20
+    """Failed EST authentications per source address within ``est_auth_window`` before
+    further attempts get 429."""
+    est_auth_window: float = 60.0
+    """Sliding window of the EST failure limit, in seconds."""
+
+
+def parse_auto_renew(text: str) -> tuple[int, int, int, int] | None:
+    """``"MM-DD HH:MM"`` → (month, day, hour, minute); "" → None (auto-renewal off)."""
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        date, time_ = value.split()
+        month, day = (int(x) for x in date.split("-"))
+        hour, minute = (int(x) for x in time_.split(":"))
+    except ValueError:
+        raise ConfigError(
+            f"ca.auto_renew: expected MM-DD HH:MM (UTC) or an empty string, got {text!r}"
+        ) from None
+    # 2000 is a leap year: 29 February is accepted (it then runs in leap years only)
+    if not (1 <= month <= 12 and 1 <= day <= _days_in_month(month)):
+        raise ConfigError(f"ca.auto_renew: {month:02d}-{day:02d} is not a date")
+    if not (0 <= hour <= 23 and 0 <= minute <= 59):
+        raise ConfigError(f"ca.auto_renew: {hour:02d}:{minute:02d} is not a time of day")
+    return month, day, hour, minute
+
+
+def _days_in_month(month: int) -> int:
+    return (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[month - 1]
+
+
+# device access tokens and the HTTPS device front-end (issue 5) ------------------
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    """Device access tokens (``[tokens]``): a device on the core MQTT listener publishes
+    to ``s/uat`` and gets ``71,<token>`` on ``s/dat``; the token then authenticates it
+    as ``Authorization: Bearer <token>`` on the HTTPS device routes."""
+
+    enabled: bool = True
+    """Answer ``s/uat`` and accept bearer tokens. Off: ``s/uat``/``s/dat`` are ordinary
+    topics and device routes need a client certificate."""
+    lifetime: float = 3600.0
+    """Seconds a token is valid (never past the device certificate's notAfter)."""
+    leeway: float = 30.0
+    """Seconds of clock difference between gateway instances tolerated on nbf/exp."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRoute:
+    """One upstream HTTP backend behind a path prefix (``[[http.proxy]]``)."""
+
+    prefix: str = ""
+    """Path prefix on the HTTPS listener, e.g. ``/backend`` (``/backend/x`` goes upstream)."""
+    upstream: str = ""
+    """Base URL, e.g. ``http://10.0.0.5:8080/api``: the rest of the path is appended."""
+    connect_timeout: float = 5.0
+    """Seconds to connect to the upstream; longer is 504."""
+    read_timeout: float = 30.0
+    """Seconds to wait for the upstream's response headers or its next body chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTPS device front-end (``[http]``)."""
+
+    proxy: tuple[ProxyRoute, ...] = ()
+    """Upstream HTTP backends for authenticated devices, one ``[[http.proxy]]`` table each."""
+
+
+PROXY_RESERVED_PREFIXES = (
+    "/identity",
+    "/topics",
+    "/openapi.yaml",
+    "/tenant",
+    "/user",
+    "/devicecontrol",
+    "/audit",
+    "/.well-known",
+    "/certificate-authority",
+    "/features",
+)
+"""First path segments of the gateway's own routes: no proxy prefix may use them."""
+_PROXY_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
 # -------------------------------------------------------------------------------
 
 
@@ -233,6 +334,9 @@ class Config:
     lifecycle: LifecycleConfig = LifecycleConfig()
     lwm2m: Lwm2mConfig = Lwm2mConfig()
     crl: CrlConfig = CrlConfig()
+    ca: CaConfig = CaConfig()
+    tokens: TokenConfig = TokenConfig()
+    http: HttpConfig = HttpConfig()
     source: str = field(default="", compare=False)
     """Where the configuration came from (for messages)."""
 
@@ -379,6 +483,9 @@ def validate(config: Config) -> None:
         )
     _validate_lwm2m(config.lwm2m)
     _validate_crl(config.crl)
+    _validate_ca(config.ca)
+    _validate_tokens(config.tokens)
+    _validate_http(config.http)
     if config.store:
         _check_store_url(config.store)
 
@@ -410,6 +517,66 @@ def _validate_crl(crl: CrlConfig) -> None:
         raise ConfigError(f"crl.retry_max: must be at least crl.retry_min ({crl.retry_min})")
     _positive("crl.max_size", crl.max_size)
     _positive("crl.max_distribution_points", crl.max_distribution_points)
+
+
+def _validate_ca(ca: CaConfig) -> None:
+    # RFC 5280 Appendix A: ub-organization-name is 64.
+    if not 1 <= len(ca.organisation.strip()) <= 64 or ca.organisation != ca.organisation.strip():
+        raise ConfigError(
+            "ca.organisation: must be 1 to 64 characters without surrounding spaces,"
+            f" got {ca.organisation!r}"
+        )
+    parse_auto_renew(ca.auto_renew)
+    _positive("ca.est_auth_failures", ca.est_auth_failures)
+    _positive("ca.est_auth_window", ca.est_auth_window)
+
+
+def _validate_tokens(tokens: TokenConfig) -> None:
+    _positive("tokens.lifetime", tokens.lifetime)
+    if not math.isfinite(tokens.leeway) or tokens.leeway < 0:
+        raise ConfigError(f"tokens.leeway: must be 0 or more seconds, got {tokens.leeway}")
+
+
+def _validate_http(http: HttpConfig) -> None:
+    seen: list[str] = []
+    for i, route in enumerate(http.proxy):
+        key = f"http.proxy[{i}]"
+        prefix = route.prefix
+        segments = prefix.split("/")[1:]
+        if not _PROXY_PREFIX.fullmatch(prefix) or any(s in (".", "..") for s in segments):
+            raise ConfigError(
+                f"{key}.prefix: must be a path like /backend (segments of A-Z a-z 0-9 . _ ~ -,"
+                f" no trailing /), got {prefix!r}"
+            )
+        reserved = next((r for r in PROXY_RESERVED_PREFIXES if f"/{segments[0]}" == r), None)
+        if reserved is not None:
+            raise ConfigError(f"{key}.prefix: {reserved} belongs to the gateway's own routes")
+        for other in seen:
+            if _nested(prefix, other) or _nested(other, prefix):
+                raise ConfigError(f"{key}.prefix: {prefix} overlaps the proxy prefix {other}")
+        seen.append(prefix)
+        _check_upstream(f"{key}.upstream", route.upstream)
+        _positive(f"{key}.connect_timeout", route.connect_timeout)
+        _positive(f"{key}.read_timeout", route.read_timeout)
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _check_upstream(key: str, url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        # credentials in the URL would end up in logs and error messages
+        raise ConfigError(f"{key}: must not contain credentials")
+    if parts.query or parts.fragment or (port is not None and port == 0):
+        raise ConfigError(f"{key}: must have no query, fragment or port 0, got {url!r}")
 
 
 _UDP_LISTENERS = frozenset({"lwm2m"})
@@ -507,6 +674,12 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    item_type = get_args(typ)[0] if origin is tuple and get_args(typ) else None
+    if isinstance(item_type, type) and is_dataclass(item_type):
+        # an array of tables, e.g. [[http.proxy]]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")
+        return tuple(_build(item_type, item, f"{key}[{i}].") for i, item in enumerate(value))
     return value
 
 
@@ -522,6 +695,8 @@ def masked(config: Config) -> dict[str, Any]:
             return out
         if isinstance(obj, Path):
             return str(obj)
+        if isinstance(obj, tuple):
+            return [walk(item) for item in obj]
         return obj
 
     result: dict[str, Any] = walk(config)

@@ -10,9 +10,8 @@ private key, a password or a password hash.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,7 +72,6 @@ __all__ = [
     "create_tenant",
     "delete_trusted_certificate",
     "get_trusted_certificate",
-    "hash_otp",
     "hash_password",
     "import_revocation_csv",
     "normalise_fingerprint",
@@ -85,7 +83,6 @@ __all__ = [
     "set_revocation_settings",
     "update_trusted_certificate",
     "verify_admin_password",
-    "verify_otp",
     "verify_pop",
 ]
 
@@ -598,11 +595,6 @@ def verify_admin_password(user: AdminUser, password: str) -> bool:
 
 # bulk registration and provisioned certificates (management API, issue 4) --------
 
-_OTP_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
-"""argon2id at OWASP's minimum (19 MiB, t=2): an OTP is hashed once per CSV row,
-so the login-strength default (~0.1 s each) would make a 5000-row file take minutes."""
-_HASH_CONCURRENCY = 4
-
 
 @dataclass(frozen=True, slots=True)
 class BulkRegistrationResult:
@@ -614,27 +606,22 @@ class BulkRegistrationResult:
     failures: tuple[BulkFailure, ...]
 
 
-def hash_otp(otp: str) -> str:
-    """argon2id hash of an ENROLLMENT_OTP (``PendingRegistration.otp_hash``)."""
-    return _OTP_HASHER.hash(otp)
-
-
-def verify_otp(otp_hash: str, otp: str) -> bool:
-    """True when ``otp`` matches (the parameters are read from the hash)."""
-    try:
-        return _OTP_HASHER.verify(otp_hash, otp)
-    except (VerificationError, InvalidHashError):
-        return False
-
-
 async def bulk_register(
-    store: Store, tenant: str, data: bytes, now: datetime, actor: str
+    store: Store,
+    tenant: str,
+    data: bytes,
+    now: datetime,
+    actor: str,
+    *,
+    hash_otp: Callable[[str], str],
 ) -> BulkRegistrationResult:
     """Register certificate devices from a bulk CSV (spec: "Bulk registration").
 
     Valid rows become pending registrations (the device user is created on
-    its first connect); refused rows are reported, never half-stored. OTPs
-    are hashed in worker threads and never logged or audited.
+    its first connect); refused rows are reported, never half-stored.
+    ``hash_otp`` turns an ``ENROLLMENT_OTP`` into ``PendingRegistration.otp_hash``
+    in the form EST enrollment verifies (``trust.est.hash_otp`` under the
+    KEK-derived key); OTPs are never logged or audited.
     """
     await require_tenant(store, tenant)
     try:
@@ -649,21 +636,12 @@ async def bulk_register(
             failures.append(BulkFailure(row.line, row.device_id, reason))
         else:
             todo.append(row)
-    limit = asyncio.Semaphore(_HASH_CONCURRENCY)
-
-    async def otp_hash(otp: str | None) -> str | None:
-        if otp is None:
-            return None
-        async with limit:
-            return await asyncio.to_thread(hash_otp, otp)
-
-    hashes = await asyncio.gather(*(otp_hash(row.otp) for row in todo))
     created: list[str] = []
-    for row, hashed in zip(todo, hashes, strict=True):
+    for row in todo:
         pending = PendingRegistration(
             tenant=tenant,
             device_id=row.device_id,
-            otp_hash=hashed,
+            otp_hash=None if row.otp is None else hash_otp(row.otp),
             attributes=row.attributes,
             created=now,
         )

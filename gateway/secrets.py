@@ -31,15 +31,17 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 __all__ = ["KEK_BYTES", "PrivateKey", "SecretBox", "SecretError", "kek_path"]
 
@@ -74,6 +76,8 @@ class SecretBox:
             raise SecretError(f"a KEK must be {KEK_BYTES} bytes, got {len(kek)}")
         self._aead = AESGCM(kek)
         self.key_id = hashlib.sha256(kek).hexdigest()[:8]
+        # HKDF-Extract (RFC 5869 §2.2) once; derive_key expands per purpose.
+        self._prk = hmac.new(b"mtls-gateway/derive-key", kek, hashlib.sha256).digest()
 
     def __repr__(self) -> str:  # never show the key
         return f"SecretBox(key_id={self.key_id})"
@@ -129,6 +133,16 @@ class SecretBox:
             raise SecretError(
                 f"sealed value does not open for purpose {purpose!r} (tampered or moved)"
             ) from None
+
+    # derived keys (issue 6) -----------------------------------------------------------
+    def derive_key(self, purpose: str, length: int = 32) -> bytes:
+        """A secret key for ``purpose`` derived from the KEK (HKDF-SHA256, RFC 5869).
+
+        Deterministic, so every instance sharing the KEK derives the same key
+        without storing it (e.g. the pepper of enrollment-OTP hashes); a new
+        KEK gives new keys. Independent of the sealing key.
+        """
+        return HKDFExpand(hashes.SHA256(), length, _aad(purpose)).derive(self._prk)
 
     # private keys -------------------------------------------------------------------
     def seal_private_key(self, key: PrivateKey, purpose: str) -> str:

@@ -80,7 +80,18 @@ def field_docs(source: str) -> tuple[dict[str, str], dict[tuple[str, str], str]]
     return classes, attrs
 
 
+def table_item(typ: Any) -> type[Any] | None:
+    """The item class of an array of tables (``tuple[SomeConfig, ...]``), else None."""
+    args = get_args(typ)
+    if get_origin(typ) is tuple and args and is_dataclass(args[0]):
+        item: type[Any] = args[0]
+        return item
+    return None
+
+
 def type_name(typ: Any) -> str:
+    if table_item(typ) is not None:
+        return "array of tables"
     if get_origin(typ) is Literal:
         return " \\| ".join(f'`"{v}"`' for v in get_args(typ))
     if typ is bool:
@@ -103,6 +114,8 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return f'"{value}"'
 
 
@@ -145,6 +158,17 @@ class Renderer:
         )
         names = [f.name for f in fields(value)]
         self.table(f"`[{key}]`", key, type(value), value, names, description)
+        for name, typ in get_type_hints(type(value)).items():
+            item = table_item(typ)
+            if item is not None:
+                self.table(
+                    f"`[[{key}.{name}]]`",
+                    f"{key}.{name}",
+                    item,
+                    item(),
+                    [f.name for f in fields(item)],
+                    self.classes.get(item.__name__, ""),
+                )
 
     def table(
         self,

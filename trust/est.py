@@ -30,11 +30,11 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
-from functools import cache
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
@@ -48,6 +48,7 @@ __all__ = [
     "KEYPAIR_MISSING",
     "MAX_CSR_BYTES",
     "NO_REQUEST",
+    "OTP_HASH_SCHEME",
     "EstError",
     "EstResponse",
     "ca_unavailable",
@@ -286,39 +287,85 @@ def enroll_response(cert: x509.Certificate, accept: str | None) -> EstResponse:
 # One-time passwords
 # ---------------------------------------------------------------------------
 
-# argon2id with the library's RFC 9106 defaults (memory-hard): an OTP store
-# leak does not hand out the enrollment credentials.
-_HASHER = PasswordHasher()
+OTP_HASH_SCHEME = "hmac-sha256"
+"""Prefix of a stored OTP hash: ``hmac-sha256$<salt>$<mac>`` (base64url, unpadded)."""
+MIN_OTP_KEY_BYTES = 16
+_OTP_SALT_BYTES = 16
+_OTP_CONTEXT = b"mtls-gateway/est-otp/v1\x00"
 
 
-def hash_otp(otp: str) -> str:
-    """An argon2id PHC string for an enrollment OTP (never store the OTP itself)."""
+def hash_otp(otp: str, key: bytes) -> str:
+    """The stored form of an enrollment OTP: a salted HMAC-SHA256 under ``key``.
+
+    Why not a password hash (argon2): an OTP is a one-time secret checked once,
+    and a memory-hard hash (~0.1 s, 64 MiB) would cap enrollment at ~10/s per
+    core. The key is a server-side secret kept outside the store (derived
+    from the KEK), so a stolen store alone cannot be brute-forced offline;
+    the random salt hides which devices share an OTP. Raises ``ValueError``
+    for an empty or oversized OTP or a short key (local errors).
+    """
     if not otp:
         raise ValueError("the enrollment OTP must not be empty")
-    if len(otp.encode("utf-8")) > MAX_OTP_BYTES:
+    data = otp.encode("utf-8")
+    if len(data) > MAX_OTP_BYTES:
         raise ValueError(f"the enrollment OTP must be at most {MAX_OTP_BYTES} bytes")
-    return _HASHER.hash(otp)
+    _check_otp_key(key)
+    salt = secrets.token_bytes(_OTP_SALT_BYTES)
+    return f"{OTP_HASH_SCHEME}${_b64url(salt)}${_b64url(_otp_mac(key, salt, data))}"
 
 
-def verify_otp(stored_hash: str | None, otp: str) -> bool:
-    """True when ``otp`` matches ``stored_hash``; argon2's comparison is constant-time.
+def verify_otp(stored_hash: str | None, otp: str, key: bytes) -> bool:
+    """True when ``otp`` matches ``stored_hash`` (constant-time comparison).
 
-    With ``stored_hash=None`` (no pending request) a dummy hash is verified
-    so the answer takes as long as a real miss.
+    Never raises on peer input. With ``stored_hash=None`` (no pending request)
+    or an unreadable hash a MAC is still computed, so a miss costs the same
+    as a wrong OTP.
     """
-    if len(otp.encode("utf-8", "surrogatepass")) > MAX_OTP_BYTES:
+    _check_otp_key(key)
+    data = otp.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_OTP_BYTES:
         return False
-    target = stored_hash if stored_hash is not None else _dummy_hash()
+    parsed = _parse_otp_hash(stored_hash) if stored_hash is not None else None
+    salt, expected = parsed if parsed is not None else (b"\x00" * _OTP_SALT_BYTES, b"")
+    actual = _otp_mac(key, salt, data)
+    return hmac.compare_digest(actual, expected) and parsed is not None
+
+
+def _check_otp_key(key: bytes) -> None:
+    if len(key) < MIN_OTP_KEY_BYTES:
+        raise ValueError(f"the OTP key must be at least {MIN_OTP_KEY_BYTES} bytes")
+
+
+def _otp_mac(key: bytes, salt: bytes, otp: bytes) -> bytes:
+    return hmac.new(key, _OTP_CONTEXT + salt + otp, hashlib.sha256).digest()
+
+
+def _parse_otp_hash(stored: str) -> tuple[bytes, bytes] | None:
+    scheme, _, rest = stored.partition("$")
+    salt_text, _, mac_text = rest.partition("$")
+    if scheme != OTP_HASH_SCHEME:
+        return None
     try:
-        ok = _HASHER.verify(target, otp)
-    except (VerificationError, InvalidHashError, ValueError):
-        return False
-    return ok and stored_hash is not None
+        salt, mac = _b64url_decode(salt_text), _b64url_decode(mac_text)
+    except ValueError:
+        return None
+    if len(salt) != _OTP_SALT_BYTES or len(mac) != hashlib.sha256().digest_size:
+        return None
+    return salt, mac
 
 
-@cache
-def _dummy_hash() -> str:
-    return _HASHER.hash("no pending enrollment request")
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    if len(text) > 64:
+        raise ValueError("too long")
+    padded = text.encode("ascii") + b"=" * (-len(text) % 4)  # UnicodeEncodeError is a ValueError
+    try:
+        return base64.b64decode(padded, altchars=b"-_", validate=True)
+    except binascii.Error:
+        raise ValueError("not base64url") from None
 
 
 # ---------------------------------------------------------------------------

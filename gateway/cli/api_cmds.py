@@ -5,13 +5,16 @@ with or without a gateway; a running gateway sees the changes through the
 store's change feed. Passwords come from ``--password-file``, the
 ``MTLS_GATEWAY_PASSWORD`` environment variable or a prompt — never from the
 command line (it would show in ``ps`` and shell history) — and are stored as
-argon2id hashes. Exit codes as for the store commands: 0 done, 1 rows
+argon2id hashes. ``bulk-register`` hashes each ``ENROLLMENT_OTP`` with a key
+derived from the gateway's KEK (``<data_dir>/secrets/kek``), so give it the
+gateway's ``--data-dir``. Exit codes as for the store commands: 0 done, 1 rows
 refused, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import sys
@@ -30,6 +33,8 @@ from gateway.cli.store_cmds import (
     run_store_command,
 )
 from gateway.http.auth import ROLE_MANAGEMENT_ADMIN, ROLE_MANAGEMENT_READ, ROLE_TENANT_ADMIN
+from gateway.http.mgmt import enrollment_otp_hasher
+from gateway.secrets import SecretBox
 from trust.bulk import MAX_BULK_CSV_BYTES
 
 PASSWORD_ENV = "MTLS_GATEWAY_PASSWORD"  # noqa: S105 - a variable name, not a secret
@@ -190,7 +195,16 @@ def _bulk_register(args: argparse.Namespace) -> int:
 
     async def action(ctx: Context) -> int:
         data = read_input(args.file)
-        result = await ops.bulk_register(ctx.store, args.tenant, data, ctx.now, ctx.actor)
+        # OTPs are keyed with the gateway's KEK: run with the gateway's --data-dir
+        box = await asyncio.to_thread(SecretBox.load_or_create, ctx.config.data_dir)
+        result = await ops.bulk_register(
+            ctx.store,
+            args.tenant,
+            data,
+            ctx.now,
+            ctx.actor,
+            hash_otp=enrollment_otp_hasher(box),
+        )
         failures = [
             {"line": f.line, "deviceId": f.device_id, "failureReason": f.reason}
             for f in result.failures

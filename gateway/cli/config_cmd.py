@@ -146,8 +146,9 @@ def to_toml(tree: dict[str, Any]) -> str:
 
 
 def _emit(tree: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in tree.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in tree.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in tree.items() if _is_table_array(v)}
+    scalars = {k: v for k, v in tree.items() if k not in tables and k not in arrays}
     if path and scalars:
         lines.append("")
         lines.append(f"[{'.'.join(path)}]")
@@ -155,6 +156,16 @@ def _emit(tree: dict[str, Any], path: list[str], lines: list[str]) -> None:
         lines.append(f"{key} = {_toml_value(value)}")
     for key, value in tables.items():
         _emit(value, [*path, key], lines)
+    for key, items in arrays.items():
+        for item in items:  # e.g. [[http.proxy]]
+            lines.append("")
+            lines.append(f"[[{'.'.join([*path, key])}]]")
+            for k, v in item.items():
+                lines.append(f"{k} = {_toml_value(v)}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, dict) for x in value)
 
 
 def _toml_value(value: Any) -> str:
@@ -168,6 +179,8 @@ def _toml_value(value: Any) -> str:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in value) + "]"
     # JSON string escapes are valid TOML basic-string escapes
     return json.dumps(str(value), ensure_ascii=False)
 

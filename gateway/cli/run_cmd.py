@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -102,6 +101,15 @@ async def _serve(config: Config, *, demo: bool, load: Callable[[], Config]) -> i
 
             await ensure_demo(config.data_dir, store, datetime.now(UTC))
             log.info("demo PKI ready in %s", config.data_dir / "demo")
+        for path in (config.server_cert_path, config.server_key_path):
+            if not path.exists():
+                # exit 2: a configuration problem that a restart will not fix
+                log.error(
+                    "%s not found: set tls.server_cert and tls.server_key, or run "
+                    "`mtls-gateway init` for a demo PKI",
+                    path,
+                )
+                return 2
         gateway = Gateway(config, store=store)
         try:
             await gateway.start()
@@ -111,6 +119,7 @@ async def _serve(config: Config, *, demo: bool, load: Callable[[], Config]) -> i
             return 1
         daemon = _Daemon(gateway, load)
         ports = [f"{n}={gateway.port(n)}" for n in (*gateway.listeners, *gateway.http)]
+        ports += [f"{n}={gateway.udp_port(n)}" for n in gateway.udp_listeners]
         if gateway.admin is not None:
             ports.append(f"admin={gateway.admin.bound_port}")
         log.info("mtls-gateway ready (%s); store %s", ", ".join(ports), masked(config)["store"])
@@ -242,7 +251,7 @@ class _Daemon:
         gw.config = applied
         try:
             cert = gw.reload_server_certificate()
-        except (ssl.SSLError, OSError) as exc:
+        except Exception as exc:  # ssl.SSLError, OSError, pyOpenSSL's SSL.Error (DTLS)
             gw.config = replace(applied, tls=running.tls)
             log.error(
                 "SIGHUP: server certificate %s / key %s not loaded (%s); still serving the "

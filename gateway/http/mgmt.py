@@ -30,10 +30,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway import operations as ops
+from gateway.ca_service import otp_key
 from gateway.http import jsonmodel as jm
 from gateway.http.auth import Principal
-from gateway.http.crl import build_crl, crl_signer, revocations_csv
+from gateway.http.crl import CrlSigner, build_crl, crl_signer, revocations_csv
 from gateway.http.server import (
+    MAX_JSON_BYTES,
     ApiError,
     HttpContext,
     accepts,
@@ -43,12 +45,13 @@ from gateway.http.server import (
     read_json,
     read_multipart_file,
 )
-from gateway.secrets import SecretError
+from gateway.secrets import SecretBox, SecretError
 from gateway.store.base import AuditQuery, Conflict, NotFound
+from trust import est
 from trust.anchors import UploadError, parse_upload, validate_upload
 from trust.bulk import MAX_BULK_CSV_BYTES
 from trust.certs import fingerprint
-from trust.model import Status, valid_tenant_id
+from trust.model import Status, TrustedCertificate, valid_tenant_id
 from trust.revocation import (
     CSV_TEMPLATE,
     MAX_BULK_ENTRIES,
@@ -57,7 +60,7 @@ from trust.revocation import (
     make_entry,
 )
 
-__all__ = ["ManagementApi", "register_routes"]
+__all__ = ["ManagementApi", "enrollment_otp_hasher", "register_routes"]
 
 TC = "trusted-certificates"
 CRL = "crl"
@@ -127,6 +130,13 @@ def register_routes(app: web.Application, ctx: HttpContext) -> None:
         app.router.add_route(method, path, handler)
 
 
+def enrollment_otp_hasher(box: SecretBox) -> Callable[[str], str]:
+    """Hash ``ENROLLMENT_OTP`` values the way EST enrollment verifies them: a salted
+    HMAC under the KEK-derived OTP key (:func:`gateway.ca_service.otp_key`)."""
+    key = otp_key(box)
+    return lambda otp: est.hash_otp(otp, key)
+
+
 @contextlib.contextmanager
 def errors(area: str) -> Iterator[None]:
     """Map business-rule failures to JSON errors of ``area``."""
@@ -163,7 +173,7 @@ class ManagementApi:
     async def _access(
         self, request: web.Request, need: Need, tenant: str | None = None
     ) -> tuple[Principal, str]:
-        principal: Principal = await self.ctx.auth.authenticate(request)
+        principal = await self.ctx.auth.authenticate(request)
         if tenant is None:
             tenant = request.query.get("tenantId") or principal.tenant
         if not valid_tenant_id(tenant):
@@ -205,14 +215,16 @@ class ManagementApi:
                 404, f"{TC}/not_found", "trusted certificate not found (bad fingerprint)"
             ) from None
 
-    def _cert(self, request: web.Request, record: Any, status: int = 200) -> web.Response:
+    def _cert(
+        self, request: web.Request, record: TrustedCertificate, status: int = 200
+    ) -> web.Response:
         body = jm.trusted_certificate_json(record, base_url(request), self._now())
         headers = {"Location": body["self"]} if status == 201 else None
         return json_response(body, status, headers)
 
     # session --------------------------------------------------------------------
     async def current_tenant(self, request: web.Request) -> web.Response:
-        principal: Principal = await self.ctx.auth.authenticate(request)
+        principal = await self.ctx.auth.authenticate(request)
         base = base_url(request)
         return json_response(
             {
@@ -226,7 +238,7 @@ class ManagementApi:
         )
 
     async def current_user(self, request: web.Request) -> web.Response:
-        principal: Principal = await self.ctx.auth.authenticate(request)
+        principal = await self.ctx.auth.authenticate(request)
         base = base_url(request)
         roles = sorted(principal.roles)
         return json_response(
@@ -366,7 +378,7 @@ class ManagementApi:
     async def pop_code(self, request: web.Request) -> web.Response:
         _, tenant = await self._access(request, Need.WRITE, request.match_info["tenantId"])
         fp = self._fingerprint(request)
-        await read_json(request)  # empty or ignored; still bounded and well-formed
+        await read_body(request, MAX_JSON_BYTES)  # any body is ignored (usually empty)
         with errors(TC):
             record = await ops.create_pop_code(self.store, tenant, fp, self._now())
         return self._cert(request, record)
@@ -403,7 +415,7 @@ class ManagementApi:
             request, Need.OPERATOR, request.match_info["tenantId"]
         )
         fp = self._fingerprint(request)
-        await read_json(request)
+        await read_body(request, MAX_JSON_BYTES)  # any body is ignored
         with errors(TC):
             record = await ops.set_pop_confirmed(
                 self.store, tenant, fp, confirmed, self._now(), principal.actor(tenant)
@@ -487,7 +499,7 @@ class ManagementApi:
             headers={"Content-Disposition": f'attachment; filename="{tenant}.crl"'},
         )
 
-    async def _signer(self, tenant: str) -> Any:
+    async def _signer(self, tenant: str) -> CrlSigner:
         try:
             return await crl_signer(
                 self.store, self.ctx.secrets, tenant, self._now(), self.ctx.tenant_ca_signer
@@ -643,7 +655,12 @@ class ManagementApi:
             data = await read_body(request, MAX_BULK_CSV_BYTES)
         with errors(DEVICES):
             result = await ops.bulk_register(
-                self.store, tenant, data, self._now(), principal.actor(tenant)
+                self.store,
+                tenant,
+                data,
+                self._now(),
+                principal.actor(tenant),
+                hash_otp=enrollment_otp_hasher(self.ctx.secrets),
             )
         failures = [
             {
@@ -712,7 +729,7 @@ class ManagementApi:
     async def revoke_provisioned(self, request: web.Request) -> web.Response:
         principal, tenant = await self._access(request, Need.WRITE)
         device_id = request.match_info["deviceId"]
-        await read_json(request)
+        await read_body(request, MAX_JSON_BYTES)  # any body is ignored
         with errors(DEVICES):
             cert, added = await ops.revoke_provisioned_certificate(
                 self.store,

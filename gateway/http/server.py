@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 from yarl import URL
@@ -46,6 +46,9 @@ from gateway.sessions import SessionRegistry
 from gateway.store.base import Store, StoreUnavailable
 from gateway.trust_state import TrustState, peer_chain_der
 from trust.model import Listener
+
+if TYPE_CHECKING:  # auth imports this module (ApiError)
+    from gateway.http.auth import Authenticator
 
 __all__ = [
     "CTX",
@@ -69,9 +72,9 @@ __all__ = [
 log = logging.getLogger("mtls_gateway.http")
 access_log = logging.getLogger("mtls_gateway.http.access")
 
-ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt",)
+ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt", "gateway.http.ca", "gateway.http.est")
 """Route modules of the HTTPS listener (each defines ``register_routes(app, ctx)``)."""
-MANAGEMENT_ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt",)
+MANAGEMENT_ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt", "gateway.http.ca")
 """Route modules of the optional plain management listener (no device routes)."""
 
 MAX_JSON_BYTES = 4 << 20
@@ -93,8 +96,8 @@ class HttpContext:
     metrics: GatewayMetrics
     config: Config
     secrets: SecretBox
-    auth: Any
-    """The :class:`gateway.http.auth.Authenticator` (typed loosely to avoid an import cycle)."""
+    auth: Authenticator
+    """Basic credentials → :class:`gateway.http.auth.Principal` (with login limits)."""
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     tenant_ca_signer: Callable[[str], Awaitable[Any]] | None = None
     """Hook of the tenant-CA feature: ``await hook(tenant)`` returns the tenant CA
@@ -203,6 +206,7 @@ async def error_middleware(
         # management answers are per user and may contain certificates: never cache
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Server", "mtls-gateway")  # no library versions
     return response
 
 
@@ -300,12 +304,14 @@ async def read_multipart_file(request: web.Request, limit: int, field_name: str 
                 raise ApiError(400, "general/bad_request", "nested multipart is not supported")
             wanted = part.name == field_name
             chunks: list[bytes] = []
+            size = 0
             while True:
                 chunk = await part.read_chunk(64 * 1024)
                 if not chunk:
                     break
                 budget -= len(chunk)
-                if budget < 0 or (wanted and sum(map(len, chunks)) + len(chunk) > limit):
+                size += len(chunk)
+                if budget < 0 or (wanted and size > limit):
                     raise ApiError(
                         413, "general/request_too_large", f"file is larger than {limit} bytes"
                     )

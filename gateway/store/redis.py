@@ -1110,6 +1110,15 @@ class RedisStore(Store):
         values = await self._multi(queue)
         return [_admin(t, username, v) for t, v in zip(tenants, values, strict=True) if v]
 
+    async def list_admin_users(self, tenant: str) -> list[AdminUser]:
+        if not valid_tenant_id(tenant):
+            return []
+        raw = await self._call(lambda c: c.hgetall(self._key("admins", tenant)))
+        return sorted(
+            (_admin(tenant, str(name), value) for name, value in raw.items()),
+            key=lambda u: u.username,
+        )
+
     # secrets and options -----------------------------------------------------
     async def _tenant_hash(
         self, tenant: str, hash_name: str, op: str, field: str, value: str, index: str = ""

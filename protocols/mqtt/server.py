@@ -3,7 +3,8 @@ stream, :class:`~protocols.mqtt.session.MqttFrontend` and the backend.
 
 One coroutine per connection: wait for CONNECT (bounded by the handshake
 timeout), admit the device, open the backend, then pump both directions
-until either side closes or the session registry kills the session.
+until either side closes or the session registry kills the session. A token
+request (``s/uat``, core MQTT) is answered inline through ``issue_token``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from gateway.admission import Admission
 from gateway.metrics import GatewayMetrics
@@ -27,12 +28,21 @@ from protocols.mqtt.session import (
     Published,
     SendBackend,
     SendDevice,
+    TokenRequested,
 )
-from trust.model import DeviceIdentity, Rejection
+from trust.model import DeviceIdentity, Listener, Rejection
 
 log = logging.getLogger("mtls_gateway.mqtt")
 
 READ_SIZE = 65536
+
+IssueToken = Callable[[DeviceIdentity], Awaitable[bytes]]
+"""Returns the ``s/dat`` answer (``71,<token>``) for an admitted device; raises
+:class:`TokenUnavailable` when the device may not have a token or none can be issued."""
+
+
+class TokenUnavailable(Exception):
+    """No token for this request (refused by the live rules, keys unavailable)."""
 
 
 class _Closed(Exception):
@@ -59,6 +69,7 @@ class MqttServer:
         backend_timeout: float,
         upstream_username: str = "",
         upstream_password: str = "",
+        issue_token: IssueToken | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
@@ -69,6 +80,7 @@ class MqttServer:
         self.backend_timeout = backend_timeout
         self.upstream_username = upstream_username or None
         self.upstream_password = upstream_password.encode() if upstream_password else None
+        self.issue_token = issue_token
 
     async def handle(self, conn: TlsConnection) -> None:
         """Serve one device connection to the end; never raises for peer behaviour."""
@@ -77,6 +89,8 @@ class MqttServer:
             conn.listener,
             max_packet_size=self.max_packet_size,
             allow_v5=self.backend.name != "embedded",
+            # the device access token API belongs to core MQTT (8883)
+            token_topics=self.issue_token is not None and conn.listener is Listener.MQTT_CORE,
         )
         link = _Link(conn, fe, self)
         try:
@@ -183,6 +197,10 @@ class _Link:
                 self.server.metrics.messages.inc(self.lname, ev.direction)
             elif isinstance(ev, Authorize):
                 await self._authorize(ev)
+            elif isinstance(ev, TokenRequested):
+                await self._flush(to_device, to_backend)  # the PUBACK goes first
+                to_device = to_backend = False
+                await self._answer_token()
             elif isinstance(ev, Close):
                 await self._flush(to_device, to_backend)
                 if not final:
@@ -233,6 +251,24 @@ class _Link:
                 username=self.server.upstream_username, password=self.server.upstream_password
             )
         )
+
+    async def _answer_token(self) -> None:
+        ident, issue = self.identity, self.server.issue_token
+        if ident is None or issue is None:
+            return
+        # Without a token there is no answer on s/dat: the device times out and may retry.
+        try:
+            answer = await issue(ident)
+        except TokenUnavailable as exc:
+            log.warning(
+                "token request refused tenant=%s device=%s: %s", ident.tenant, ident.device_id, exc
+            )
+            return
+        except Exception:
+            log.exception("token request failed tenant=%s device=%s", ident.tenant, ident.device_id)
+            return
+        log.info("token issued tenant=%s device=%s", ident.tenant, ident.device_id)
+        await self._apply(self.fe.token_answer(answer))
 
     async def _kill(self, code: str, message: str) -> None:
         """Called by the session registry: end this session promptly."""

@@ -6,6 +6,13 @@ glue to carry out. It enforces the listener's identity rule on CONNECT
 (8883: ClientId == certificate CN; 9883: username == tenant id), rewrites
 client ids, topics and filters into the tenant's namespace in both
 directions, and never lets a device reach outside its tenant.
+
+Device access token API (spec "HTTP"; ``token_topics=True``, core MQTT only):
+a PUBLISH to ``s/uat`` is acknowledged here, never forwarded, and raises
+:class:`TokenRequested`; the glue answers with :meth:`MqttFrontend.token_answer`,
+a PUBLISH on ``s/dat`` sent to this connection only. Device PUBLISHes to
+``s/dat`` are acknowledged and dropped, so no device can send a forged token
+answer to the others of its tenant through the broker.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from protocols.mqtt.codec import (
     Packet,
     Properties,
     Puback,
+    Pubcomp,
     Publish,
     Pubrec,
+    Pubrel,
     ReasonCode,
     Suback,
     Subscribe,
@@ -41,6 +50,8 @@ from protocols.mqtt.codec import (
 from trust.model import Decision, DeviceIdentity, Listener, Reason, Rejection
 
 BACKEND_MAX_PACKET = 268435455
+TOKEN_REQUEST_TOPIC = "s/uat"  # noqa: S105 - a topic name, not a secret
+TOKEN_RESPONSE_TOPIC = "s/dat"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,12 @@ class Published:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRequested:
+    """The device published to ``s/uat``: issue a token for the connection's
+    identity and send it with :meth:`MqttFrontend.token_answer`."""
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close both sides after sending what was queued. ``code`` is a log reason."""
 
@@ -77,7 +94,7 @@ class Close:
     message: str
 
 
-Event = SendDevice | SendBackend | Authorize | Close | Published
+Event = SendDevice | SendBackend | Authorize | Close | Published | TokenRequested
 
 
 class State(enum.Enum):
@@ -104,10 +121,13 @@ class MqttFrontend:
         *,
         max_packet_size: int,
         allow_v5: bool = True,
+        token_topics: bool = False,
     ) -> None:
         self.decision = decision
         self.listener = listener
         self.allow_v5 = allow_v5
+        self.token_topics = token_topics
+        """Handle ``s/uat``/``s/dat`` here (device access token API) instead of the broker."""
         self.state = State.AWAIT_CONNECT
         self.version: int | None = None
         self.tenant: str | None = None
@@ -119,6 +139,8 @@ class MqttFrontend:
         self._connect: Connect | None = None
         # SUBSCRIBE packet id -> positions refused by the gateway (merged into SUBACK)
         self._refused_subs: dict[int, list[tuple[int, int]]] = {}
+        # QoS 2 packet ids of token-topic PUBLISHes answered here (PUBREL is ours too)
+        self._local_qos2: set[int] = set()
 
     @property
     def closed(self) -> bool:
@@ -274,6 +296,8 @@ class MqttFrontend:
         assert self.tenant is not None and self.version is not None
         v = self.version
         if isinstance(p, Publish):
+            if self.token_topics and p.topic in (TOKEN_REQUEST_TOPIC, TOKEN_RESPONSE_TOPIC):
+                return self._token_publish(p)
             if p.topic == "" and p.properties.topic_alias is not None:
                 mounted = p  # alias already bound to a mounted topic at the broker
             elif not self._topic_allowed(p.topic):
@@ -289,6 +313,9 @@ class MqttFrontend:
                     properties=self._mount_props(p.properties),
                 )
             return [SendBackend(encode(mounted, v)), Published("device")]
+        if isinstance(p, Pubrel) and p.packet_id in self._local_qos2:
+            self._local_qos2.discard(p.packet_id)
+            return [SendDevice(encode(Pubcomp(p.packet_id), v))]
         if isinstance(p, Subscribe):
             return self._subscribe(p)
         if isinstance(p, Unsubscribe):
@@ -307,6 +334,29 @@ class MqttFrontend:
                 "enhanced authentication is not supported",
             )
         return [SendBackend(encode(p, v))]
+
+    def _token_publish(self, p: Publish) -> list[Event]:
+        """Acknowledge a PUBLISH to a token topic here; only ``s/uat`` asks for a token."""
+        assert self.version is not None
+        out: list[Event] = []
+        fresh = True
+        if p.qos == 1 and p.packet_id is not None:
+            out.append(SendDevice(encode(Puback(p.packet_id), self.version)))
+        elif p.qos == 2 and p.packet_id is not None:
+            # a re-sent QoS 2 PUBLISH (before PUBREL) is the same request, not a new one
+            fresh = p.packet_id not in self._local_qos2
+            self._local_qos2.add(p.packet_id)
+            out.append(SendDevice(encode(Pubrec(p.packet_id), self.version)))
+        if p.topic == TOKEN_REQUEST_TOPIC and fresh:
+            out.append(TokenRequested())
+        return out
+
+    def token_answer(self, payload: bytes) -> list[Event]:
+        """The ``s/dat`` PUBLISH (QoS 0) carrying ``payload`` (``71,<token>``) to the device."""
+        if self.state is not State.CONNECTED or self.version is None:
+            return []
+        answer = Publish(TOKEN_RESPONSE_TOPIC, payload)
+        return [SendDevice(encode(answer, self.version))]
 
     def _mount_filter(self, f: str) -> str | None:
         assert self.tenant is not None
@@ -423,4 +473,5 @@ __all__ = [
     "SendBackend",
     "SendDevice",
     "State",
+    "TokenRequested",
 ]

@@ -226,7 +226,7 @@ def _fingerprint_pem(pem: bytes) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
-async def served_fingerprint(d: Daemon, *, sni: bool) -> str:
+async def served_fingerprint(d: Daemon, *, sni: bool, listener: str = "mqtt") -> str:
     """SHA-256 of the certificate a new connection is served (``openssl s_client``)."""
     cert, key = d.device(2)
     name = ["-servername", "localhost"] if sni else ["-noservername"]
@@ -235,7 +235,7 @@ async def served_fingerprint(d: Daemon, *, sni: bool) -> str:
             "openssl",
             "s_client",
             "-connect",
-            f"127.0.0.1:{d.ports['mqtt']}",
+            f"127.0.0.1:{d.ports[listener]}",
             *name,
             "-cert",
             str(cert),
@@ -339,6 +339,7 @@ async def test_sighup_serves_the_new_certificate_and_keeps_sessions(
 
         assert await served_fingerprint(d, sni=True) == new_fp
         assert await served_fingerprint(d, sni=False) == new_fp
+        assert await served_fingerprint(d, sni=True, listener="https") == new_fp
         status = await d.status()
         assert status["serverCertificate"]["sha256"] == new_fp  # type: ignore[index]
 

@@ -496,6 +496,10 @@ class StoreContract:
             await store.get_admin_user("t1", "bob")
         with pytest.raises(NotFound):
             await store.put_admin_user(replace(other, tenant="nope"))
+        bob = AdminUser("t1", "bob", "$argon2id$h4")
+        await store.put_admin_user(bob)
+        assert [u.username for u in await store.list_admin_users("t1")] == ["alice", "bob"]
+        assert await store.list_admin_users("nope") == []
 
     # options -------------------------------------------------------------------
     async def test_options(self, store: Store) -> None:

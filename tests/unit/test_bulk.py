@@ -153,3 +153,47 @@ def test_arbitrary_tables_never_crash(table: list[list[str]]) -> None:
 def test_header_of_separators_only(data: bytes) -> None:
     with pytest.raises(BulkCsvError, match="header"):
         parse_bulk_csv(data)
+
+
+async def test_bulk_register_operation_stores_hashed_otps_and_audits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from gateway import operations as ops
+    from gateway.store.base import AuditQuery, Page
+    from gateway.store.sqlite import SqliteStore
+    from trust import est
+
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        now = datetime.now(UTC)
+        await store.create_tenant("t1")
+        await store.register_device("t1", "existing", "auto", now)
+        data = (
+            b"ID;AUTH_TYPE;ENROLLMENT_OTP;NAME\n"
+            b"a;CERTIFICATES;first-otp-1;A\nb;CERTIFICATES;;\nexisting;CERTIFICATES;;\n"
+            b"c;PASSWORD;;\n"
+        )
+        key = b"k" * 32
+        hasher = lambda otp: est.hash_otp(otp, key)  # noqa: E731
+        result = await ops.bulk_register(store, "t1", data, now, "tester", hash_otp=hasher)
+        assert result.total == 4 and result.created == ("a", "b")
+        assert [(f.line, f.device_id) for f in result.failures] == [(4, "existing"), (5, "c")]
+        pending = await store.get_pending_registration("t1", "a")
+        assert pending.otp_hash and pending.otp_hash != "first-otp-1"
+        assert est.verify_otp(pending.otp_hash, "first-otp-1", key)
+        assert not est.verify_otp(pending.otp_hash, "wrong-otp-1", key)
+        assert pending.attributes == (("NAME", "A"),)
+        assert (await store.get_pending_registration("t1", "b")).otp_hash is None
+        again = await ops.bulk_register(
+            store, "t1", b"ID;AUTH_TYPE\na;CERTIFICATES\n", now, "t", hash_otp=hasher
+        )
+        assert again.created == () and "pending" in again.failures[0].reason
+        records, _ = await store.list_audit(AuditQuery(tenant="t1"), Page(50, 1))
+        bulk = [r for r in records if r.type == ops.AUDIT_BULK]
+        assert len(bulk) == 2 and "2 devices accepted" in bulk[-1].text
+        assert all("first-otp-1" not in r.text for r in records)
+        with pytest.raises(ops.OperationError, match="AUTH_TYPE"):
+            await ops.bulk_register(store, "t1", b"ID\nx\n", now, "t", hash_otp=hasher)
+    finally:
+        await store.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from gateway.cli.config_cmd import to_toml
 from gateway.config import load_config
 from gateway.pki import make_ca, make_server, write_private
 from tests.helpers import free_port
@@ -100,3 +101,15 @@ def test_status_without_a_daemon_exits_1(capsys: pytest.CaptureFixture[str]) -> 
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["status", "--admin", url, "--timeout", "5"]) == 1
     assert f"cannot reach the gateway's admin listener at {url}" in capsys.readouterr().err
+
+
+def test_to_toml_writes_tables_arrays_of_tables_and_escapes() -> None:
+    tree = {
+        "name": 'a "quoted" \\ value',
+        "ratio": 0.5,
+        "off": False,
+        "empty": [],
+        "outer": {"port": 1, "inner": {"hosts": ["a", "b"]}},
+        "routes": [{"prefix": "/x", "timeout": 5.0}, {"prefix": "/y", "timeout": 1.0}],
+    }
+    assert tomllib.loads(to_toml(tree)) == tree

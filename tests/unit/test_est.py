@@ -6,6 +6,7 @@ import base64
 import re
 import shutil
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -374,29 +375,74 @@ def test_spec_messages() -> None:
     assert (est.no_request().status, est.no_request().message) == (401, est.NO_REQUEST)
 
 
+OTP_KEY = bytes(range(32))
+
+
 def test_otp_hash_and_verify() -> None:
     otp = "somePassword@123"
-    stored = est.hash_otp(otp)
-    assert stored.startswith("$argon2id$")
+    stored = est.hash_otp(otp, OTP_KEY)
+    assert stored.startswith("hmac-sha256$")
     assert otp not in stored
-    assert est.verify_otp(stored, otp)
-    assert not est.verify_otp(stored, "somePassword@124")
-    assert est.hash_otp(otp) != stored  # salted
+    assert est.verify_otp(stored, otp, OTP_KEY)
+    assert not est.verify_otp(stored, "somePassword@124", OTP_KEY)
+    assert not est.verify_otp(stored, otp[:-1], OTP_KEY)
+    assert est.hash_otp(otp, OTP_KEY) != stored  # salted: equal OTPs do not show
+
+
+def test_otp_needs_the_server_key() -> None:
+    """A stolen store alone is not enough: the hash only verifies under the key."""
+    stored = est.hash_otp("otp-1", OTP_KEY)
+    assert not est.verify_otp(stored, "otp-1", bytes(32))
+    with pytest.raises(ValueError):
+        est.hash_otp("otp-1", b"short")
+
+
+def test_otp_tampered_hash_fails() -> None:
+    stored = est.hash_otp("otp-1", OTP_KEY)
+    scheme, salt, mac = stored.split("$")
+    other_salt = est.hash_otp("otp-1", OTP_KEY).split("$")[1]
+    assert not est.verify_otp(f"{scheme}${other_salt}${mac}", "otp-1", OTP_KEY)
+    flipped = ("A" if mac[0] != "A" else "B") + mac[1:]
+    assert not est.verify_otp(f"{scheme}${salt}${flipped}", "otp-1", OTP_KEY)
 
 
 def test_otp_verify_never_raises() -> None:
-    assert not est.verify_otp(None, "anything")  # no pending request
-    assert not est.verify_otp("not a hash", "x")
-    assert not est.verify_otp("$argon2id$v=19$m=65536,t=3,p=4$broken", "x")
-    assert not est.verify_otp("$argon2id$whatever", "x" * (est.MAX_OTP_BYTES + 1))
-    assert not est.verify_otp("$argon2id$whatever", "\udcff")  # lone surrogate
+    assert not est.verify_otp(None, "anything", OTP_KEY)  # no pending request
+    assert not est.verify_otp("not a hash", "x", OTP_KEY)
+    assert not est.verify_otp("$argon2id$v=19$m=65536,t=3,p=4$broken", "x", OTP_KEY)
+    assert not est.verify_otp("hmac-sha256$!!$??", "x", OTP_KEY)
+    assert not est.verify_otp("hmac-sha256$\u00e9$x", "x", OTP_KEY)
+    assert not est.verify_otp("hmac-sha256$" + "A" * 5000 + "$x", "x", OTP_KEY)
+    stored = est.hash_otp("x", OTP_KEY)
+    assert not est.verify_otp(stored, "x" * (est.MAX_OTP_BYTES + 1), OTP_KEY)
+    assert not est.verify_otp(stored, "\udcff", OTP_KEY)  # lone surrogate
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=64), st.text(max_size=200))
+def test_otp_verify_property(otp: str, stored: str) -> None:
+    try:
+        real = est.hash_otp(otp, OTP_KEY)
+    except ValueError:  # lone surrogates cannot be stored
+        return
+    assert est.verify_otp(real, otp, OTP_KEY)
+    assert not est.verify_otp(stored, otp, OTP_KEY) or stored == real
+
+
+def test_otp_is_fast_enough_for_bulk_enrollment() -> None:
+    """The reason for HMAC over argon2: 500 enrollments/s need a cheap check."""
+    stored = est.hash_otp("otp-1", OTP_KEY)
+    start = time.perf_counter()
+    for _ in range(1000):
+        est.verify_otp(stored, "otp-1", OTP_KEY)
+    assert time.perf_counter() - start < 0.5  # ~5 us each; argon2id would take ~100 s
 
 
 def test_otp_hash_refuses_empty_and_huge() -> None:
     with pytest.raises(ValueError):
-        est.hash_otp("")
+        est.hash_otp("", OTP_KEY)
     with pytest.raises(ValueError):
-        est.hash_otp("x" * (est.MAX_OTP_BYTES + 1))
+        est.hash_otp("x" * (est.MAX_OTP_BYTES + 1), OTP_KEY)
 
 
 def test_enrollment_audit() -> None:
@@ -410,8 +456,8 @@ def test_enrollment_audit() -> None:
 @needs_openssl
 def test_whole_enrollment_flow(tmp_path: Path) -> None:
     """What the HTTP adapter will do for ``/simpleenroll``, minus the I/O."""
-    stored = est.hash_otp("otp-1")
-    assert est.verify_otp(stored, "otp-1")
+    stored = est.hash_otp("otp-1", OTP_KEY)
+    assert est.verify_otp(stored, "otp-1", OTP_KEY)
     ca_cert, ca_key = tenant_ca()
     assert ca.ca_usable_for_enrollment(ca_cert, NOW)
     csr = est.parse_csr(openssl_csr(tmp_path, *P256, "-subj", "/CN=dev1"), "base64")
