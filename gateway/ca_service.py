@@ -566,7 +566,9 @@ class CaAutoRenewal:
         None when nothing was due."""
         if self.schedule is None or self.next_run is None or now < self.next_run:
             return None
-        scheduled = self.next_run
+        # The latest occasion reached: after a long suspension, the most recent
+        # one is run (the CA's state is what matters), not a stale one.
+        scheduled = previous_auto_renewal(now, *self.schedule) or self.next_run
         self.next_run = next_auto_renewal(now, *self.schedule)
         return await self.service.auto_renew(now, scheduled)
 

@@ -758,7 +758,7 @@ class DtlsServer:
             return
         if session.retransmit_at is not None and now >= session.retransmit_at:
             try:
-                pass  # MUTANT
+                session.conn.DTLSv1_handle_timeout()
             except SSL.Error as exc:
                 reason = self._failure_reason(session)
                 self._flush(session)

@@ -7,7 +7,7 @@ with the sans-IO codec and disconnects: no shared connection to reconnect, no
 state to go stale, and it works the same with the embedded and an upstream
 broker. The caller passes topics already mounted in the tenant's namespace and
 a client id ``<tenant>:http-<device>-<random>`` (unique, so two calls never take
-over each other's session); every step is bounded by ``timeout``.
+over each other's session). Callers bound a call with ``asyncio.timeout``.
 
 Reading a retained message: SUBSCRIBE to the exact topic, then SUBSCRIBE to a
 *fence* topic outside every tenant's namespace (``_gateway.fence/<random>``:
@@ -21,7 +21,6 @@ traffic and is ignored.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from dataclasses import dataclass
 
@@ -116,15 +115,14 @@ class _Client:
 
 
 async def _run(
-    backend: Backend, session: BusSession, timeout: float, topic: str, op: _Op
+    backend: Backend, session: BusSession, topic: str, op: _Op
 ) -> RetainedMessage | None:
-    conn = await asyncio.wait_for(backend.connect(), timeout)
+    conn = await backend.connect()
     try:
         client = _Client(conn, session.max_packet_size)
-        async with asyncio.timeout(timeout):
-            await client.login(session)
-            result = await op.run(client, topic)
-            await client.logout()
+        await client.login(session)
+        result = await op.run(client, topic)
+        await client.logout()
         return result
     except (ConnectionError, MqttProtocolError) as exc:
         raise BusError(str(exc)) from None
@@ -179,22 +177,21 @@ async def publish(
     *,
     qos: int,
     retain: bool,
-    timeout: float,
 ) -> None:
     """Publish once (QoS 0 or 1; QoS 1 returns after the broker's PUBACK).
 
-    Raises :class:`BusError` (an ``OSError``) or ``TimeoutError``.
+    Raises :class:`BusError` (an ``OSError``, as are connection failures).
     """
     if qos not in (0, 1):
         raise ValueError("qos must be 0 or 1")
-    await _run(backend, session, timeout, topic, _Publish(payload, qos, retain))
+    await _run(backend, session, topic, _Publish(payload, qos, retain))
 
 
 async def read_retained(
-    backend: Backend, session: BusSession, topic: str, *, timeout: float
+    backend: Backend, session: BusSession, topic: str
 ) -> RetainedMessage | None:
     """The retained message of ``topic`` (an exact topic name), or None.
 
-    Raises :class:`BusError` (an ``OSError``) or ``TimeoutError``.
+    Raises :class:`BusError` (an ``OSError``, as are connection failures).
     """
-    return await _run(backend, session, timeout, topic, _ReadRetained())
+    return await _run(backend, session, topic, _ReadRetained())

@@ -58,9 +58,7 @@ async def _start(tmp_path: Path, pki: Pki, **ca: Any) -> RunningGateway:
     await ops.create_admin_user(rg.store, "t1", "admin", PW, ["ROLE_TENANT_ADMIN"])
     await ops.create_admin_user(rg.store, "t1", "reader", PW, ["ROLE_TENANT_MANAGEMENT_READ"])
     await ops.create_admin_user(rg.store, "t2", "admin", PW, ["ROLE_TENANT_ADMIN"])
-    await ops.create_admin_user(
-        rg.store, "management", "ops", PW, ["ROLE_TENANT_MANAGEMENT_ADMIN"]
-    )
+    await ops.create_admin_user(rg.store, "management", "ops", PW, ["ROLE_TENANT_MANAGEMENT_ADMIN"])
     return rg
 
 
@@ -167,7 +165,13 @@ async def enroll(
 
 async def create_ca(rg: RunningGateway, tmp: Path) -> dict[str, Any]:
     reply = await curl(
-        rg, tmp, "-X", "POST", "-H", "Content-Type: application/json", url(rg, "/certificate-authority")
+        rg,
+        tmp,
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        url(rg, "/certificate-authority"),
     )
     assert reply.status == 201, reply
     body: dict[str, Any] = reply.json()
@@ -178,7 +182,13 @@ async def bulk_register(rg: RunningGateway, tmp: Path, csv: str) -> dict[str, An
     path = tmp / "devices.csv"
     path.write_text(csv)
     reply = await curl(
-        rg, tmp, "-X", "POST", "-F", f"file=@{path}", url(rg, "/devicecontrol/bulkNewDeviceRequests")
+        rg,
+        tmp,
+        "-X",
+        "POST",
+        "-F",
+        f"file=@{path}",
+        url(rg, "/devicecontrol/bulkNewDeviceRequests"),
     )
     assert reply.status == 201, reply
     body: dict[str, Any] = reply.json()
@@ -191,9 +201,7 @@ def write_cert(path: Path, cert: x509.Certificate) -> Path:
 
 
 async def audit(rg: RunningGateway, tmp: Path, type_: str) -> list[dict[str, Any]]:
-    reply = await curl(
-        rg, tmp, url(rg, f"/audit/auditRecords?pageSize=500&type={type_}"), "-G"
-    )
+    reply = await curl(rg, tmp, url(rg, f"/audit/auditRecords?pageSize=500&type={type_}"), "-G")
     assert reply.status == 200, reply
     records: list[dict[str, Any]] = reply.json()["auditRecords"]
     return records
@@ -360,7 +368,7 @@ async def test_realm_style_credentials_and_tenant_label(gw: RunningGateway, tmp_
     t = tmp_path / "dev"
     await create_ca(gw, t)
     await bulk_register(gw, t, f"ID;AUTH_TYPE;ENROLLMENT_OTP\ndev2;CERTIFICATES;{OTP2}\n")
-    key, csr = await make_csr(t, "dev2", "/CN=dev2")
+    _, csr = await make_csr(t, "dev2", "/CN=dev2")
     # device:otp without the tenant: refused, the tenant cannot be guessed
     reply = await enroll(gw, t, csr, f"dev2:{OTP2}")
     assert reply.status == 401 and "name the tenant" in reply.json()["message"], reply
@@ -494,7 +502,11 @@ async def test_ca_key_is_encrypted_and_deleted_with_the_certificate(
     assert sealed is not None and sealed.startswith("mgk1:")
     # deleting the CA's trusted certificate deletes its key; enrollment then stops
     reply = await curl(
-        gw, t, "-X", "DELETE", url(gw, f"/tenant/tenants/t1/trusted-certificates/{ca['fingerprint']}")
+        gw,
+        t,
+        "-X",
+        "DELETE",
+        url(gw, f"/tenant/tenants/t1/trusted-certificates/{ca['fingerprint']}"),
     )
     assert reply.status == 204, reply
     assert await gw.store.get_option("t1", f"ca-key:{ca['fingerprint']}") is None

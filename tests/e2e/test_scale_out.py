@@ -4,6 +4,7 @@ upstream mosquitto (ARCHITECTURE: "Scaling past one machine")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -139,12 +140,42 @@ async def test_two_instances_share_trust_and_messages(tmp_path: Path) -> None:
             listed = await cli("devices", "list", "--tenant", "t1", "--store", store)
             assert "on-a" in listed and "on-b" in listed
 
-            # revoke B's device through the CLI (any instance or the CLI: same feed)
+            # revoke B's device through instance A's management API
+            (tmp_path / "pw").write_text("s3cret-pass")
+            await cli(
+                "admin-users",
+                "add",
+                "ops",
+                "--tenant",
+                "t1",
+                "--password-file",
+                str(tmp_path / "pw"),
+                "--store",
+                store,
+            )
+            body = json.dumps({"crls": [{"serialNumberInHex": f"{sub_dev.cert.serial_number:x}"}]})
             loop = asyncio.get_running_loop()
             start = loop.time()
-            await cli(
-                "crl", "add", f"{sub_dev.cert.serial_number:x}", "--tenant", "t1", "--store", store
+            res = await run(
+                [
+                    "curl",
+                    "-sS",
+                    "--fail-with-body",
+                    "--cacert",
+                    ca,
+                    "-u",
+                    "t1/ops:s3cret-pass",
+                    "-X",
+                    "PUT",
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data",
+                    body,
+                    f"https://localhost:{a.ports['https']}/tenant/trusted-certificates/settings/crl",
+                ],
+                timeout=30,
             )
+            assert res.returncode == 0, res.stdout + res.stderr
             await sub.exit(timeout=5)
             assert loop.time() - start < 3.0
         finally:
