@@ -16,9 +16,12 @@ from gateway.admission import Admission
 from gateway.ca_service import CaAutoRenewal, ca_service_for
 from gateway.config import Config
 from gateway.crl_fetcher import STATUS_FILE, CrlFetcher
+from gateway.device_tokens import DeviceTokens
 from gateway.dtls import DtlsListener, DtlsServer, DtlsSettings, DtlsTrust
+from gateway.http.device import DEVICE_SERVICES, DeviceServices
 from gateway.http.server import HttpContext, HttpServer, start_http_servers
 from gateway.metrics import GatewayMetrics
+from gateway.secrets import SecretBox
 from gateway.sessions import SessionRegistry
 from gateway.store import open_store
 from gateway.store.base import Store
@@ -62,6 +65,8 @@ class Gateway:
     """Online revocation: CRL downloads and the online check (``crl.status()``)."""
     ca_renewal: CaAutoRenewal | None = None
     """The yearly tenant-CA auto-renewal task (issue 6)."""
+    tokens: DeviceTokens | None = None
+    """Device access tokens (issue 5; None when ``tokens.enabled`` is off)."""
     _owns_store: bool = False
 
     async def start(self) -> None:
@@ -99,6 +104,7 @@ class Gateway:
         )
         await self.backend.start()
         admission = Admission(self.store, self.metrics)
+        await self._start_tokens()
         limiter = ConnectionLimiter(cfg.limits.max_connections)
         rate = HandshakeRateLimiter(cfg.limits.handshake_rate, cfg.limits.handshake_burst)
         mqtt = MqttServer(
@@ -111,6 +117,7 @@ class Gateway:
             backend_timeout=cfg.mqtt.connect_timeout,
             upstream_username=cfg.mqtt.upstream_username,
             upstream_password=cfg.mqtt.upstream_password,
+            issue_token=self.tokens.mqtt_answer if self.tokens is not None else None,
         )
         for name, kind in (("mqtt", Listener.MQTT_CORE), ("mqtt_service", Listener.MQTT_SERVICE)):
             lc = getattr(cfg.listeners, name)
@@ -131,7 +138,7 @@ class Gateway:
             self.listeners[name] = listener
         if cfg.listeners.lwm2m.enabled:
             await self._start_lwm2m(admission)
-        await self._start_https()
+        await self._start_https(admission)
         await self._start_ca_renewal()
         self.ready = True
 
@@ -187,11 +194,25 @@ class Gateway:
         log.info("gateway stopped")
 
     # HTTPS listener: management API (issue 4) and device routes ------------------
-    async def _start_https(self) -> None:
+    async def _start_https(self, admission: Admission) -> None:
         assert self.store is not None and self.trust is not None
+        # device routes share the MQTT backend (the embedded broker is in-process)
+        services = DeviceServices(admission, self.backend, self.tokens)
         self.http_context, self.http = await start_http_servers(
-            self.store, self.trust, self.registry, self.metrics, self.config
+            self.store,
+            self.trust,
+            self.registry,
+            self.metrics,
+            self.config,
+            extra={DEVICE_SERVICES: services},
         )
+
+    # device access tokens (issue 5) ----------------------------------------------
+    async def _start_tokens(self) -> None:
+        assert self.store is not None and self.trust is not None
+        if self.config.tokens.enabled:
+            box = await asyncio.to_thread(SecretBox.load_or_create, self.config.data_dir)
+            self.tokens = DeviceTokens(self.store, box, self.trust, self.config.tokens)
 
     # tenant CA auto-renewal (issue 6) -------------------------------------------
     async def _start_ca_renewal(self) -> None:

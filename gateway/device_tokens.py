@@ -72,6 +72,7 @@ __all__ = [
     "KeyInfo",
     "RotateResult",
     "TokenRefused",
+    "check_kek",
     "list_keys",
     "rotate_key",
 ]
@@ -184,6 +185,15 @@ async def list_keys(store: Store, tenant: str) -> tuple[str | None, tuple[KeyInf
     """``(current kid, keys)`` of a tenant; ``(None, ())`` before its first token."""
     keys = await _read_keys(store, tenant)
     return (None, ()) if keys is None else (keys.current, keys.keys)
+
+
+async def check_kek(store: Store, box: SecretBox, tenant: str) -> None:
+    """Raise :class:`SecretError` unless ``box`` opens the tenant's current key
+    (a key sealed with another KEK would be useless to the gateways)."""
+    keys = await _read_keys(store, tenant)
+    if keys is not None:
+        current = next(k for k in keys.keys if k.kid == keys.current)
+        box.open_private_key(current.sealed, _purpose(tenant, current.kid))
 
 
 async def rotate_key(

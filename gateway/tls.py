@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
 
 from gateway.metrics import GatewayMetrics
 from gateway.trust_state import TrustState, peer_chain_der
@@ -122,25 +123,15 @@ class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
         return False
 
 
-class _Accepted(asyncio.Protocol):
-    """Holds a freshly accepted socket still: reading is paused before any byte
-    can arrive, so the ClientHello is left for ``start_tls`` (no race)."""
-
-    def __init__(self, listener: TlsListener) -> None:
-        self.listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport but behave like one
-        tcp = cast(asyncio.Transport, transport)
-        tcp.pause_reading()
-        self.listener._spawn(tcp)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        return None
-
-
 class TlsListener:
-    """One TCP+TLS listener."""
+    """One TCP+TLS listener.
+
+    Our own accept loop checks the connection limit and the per-address rate
+    *before* any TLS work, then hands the socket to
+    ``loop.connect_accepted_socket(ssl=...)``: the TLS layer owns the socket
+    from its first byte, so a ClientHello can never race the upgrade (with
+    uvloop, a plain transport starts reading as soon as it exists).
+    """
 
     def __init__(
         self,
@@ -165,25 +156,38 @@ class TlsListener:
         self.rate = rate
         self.handshake_timeout = handshake_timeout
         self.context = trust.server_context(listener)
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._refusals_logged_at = 0.0
+        self._refusals_unlogged = 0
 
     @property
     def bound_port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._sock is not None
+        port: int = self._sock.getsockname()[1]
         return port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Accepted(self), self.host, self.port, reuse_address=True, backlog=1024
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server(
+            (self.host, self.port),
+            family=family,
+            backlog=1024,
+            dualstack_ipv6=family == socket.AF_INET6 and self.host in ("::", ""),
         )
+        sock.setblocking(False)
+        self._sock = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"accept-{self.listener}")
         log.info("%s listening on %s:%d (TLS)", self.listener.value, self.host, self.bound_port)
 
     async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+            self._accept_task = None
+        if self._sock is not None:
+            self._sock.close()
 
     async def stop(self) -> None:
         await self.stop_accepting()
@@ -192,40 +196,85 @@ class TlsListener:
         if self._conn_tasks:
             await asyncio.gather(*self._conn_tasks, return_exceptions=True)
 
-    def _spawn(self, transport: asyncio.Transport) -> None:
-        task = asyncio.create_task(self._serve(transport))
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        lsock = self._sock
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as exc:  # EMFILE/ENFILE: back off instead of spinning
+                log.error("accept failed on %s: %s", self.listener.value, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(conn, addr)
+            # drain the backlog in one go: one loop iteration per accept is slow
+            for _ in range(64):
+                try:
+                    conn, addr = lsock.accept()
+                except OSError:
+                    break
+                self._admit(conn, addr)
+
+    def _admit(
+        self, conn: socket.socket, addr: tuple[str, int] | tuple[str, int, int, int]
+    ) -> None:
+        address = str(addr[0])
+        lname = self.listener.value
+        reason = None
+        if not self.limiter.try_acquire():
+            reason = "max_connections"
+        elif not self.rate.allow(address, time.monotonic()):
+            self.limiter.release()
+            reason = "handshake_rate"
+        if reason is not None:
+            self.metrics.refused.inc(lname, reason)
+            self._log_refusal(address, reason)
+            # RST rather than FIN: no TIME_WAIT left behind by a flood
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.create_task(self._serve(conn, f"{address}:{addr[1]}"))
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
 
-    async def _serve(self, transport: asyncio.Transport) -> None:
-        peername = transport.get_extra_info("peername") or ("?", 0)
-        address = str(peername[0])
-        peer = f"{address}:{peername[1]}"
-        lname = self.listener.value
-        if not self.limiter.try_acquire():
-            self.metrics.refused.inc(lname, "max_connections")
-            log.warning(
-                "refusing %s on %s: max_connections=%d reached", peer, lname, self.limiter.limit
-            )
-            transport.abort()
+    def _log_refusal(self, address: str, reason: str) -> None:
+        """At most one line per second for refusals (a flood must not flood the log)."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at < 1.0:
+            self._refusals_unlogged += 1
             return
+        extra = (
+            f" (+{self._refusals_unlogged} more since the last report)"
+            if self._refusals_unlogged
+            else ""
+        )
+        limit = f"max_connections={self.limiter.limit}" if reason == "max_connections" else reason
+        log.warning(
+            "refusing connections on %s: %s reached; last from %s%s",
+            self.listener.value,
+            limit,
+            address,
+            extra,
+        )
+        self._refusals_logged_at = now
+        self._refusals_unlogged = 0
+
+    async def _serve(self, conn: socket.socket, peer: str) -> None:
+        lname = self.listener.value
         try:
-            if not self.rate.allow(address, time.monotonic()):
-                self.metrics.refused.inc(lname, "handshake_rate")
-                log.warning("refusing %s on %s: handshake rate limit for this address", peer, lname)
-                transport.abort()
-                return
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=READ_LIMIT)
             protocol = _TlsStreamProtocol(reader)
             try:
-                tls_transport = await asyncio.wait_for(
-                    loop.start_tls(
-                        transport,
-                        protocol,
-                        self.context,
-                        server_side=True,
+                tls_transport, _ = await asyncio.wait_for(
+                    loop.connect_accepted_socket(
+                        lambda: protocol,
+                        conn,
+                        ssl=self.context,
                         ssl_handshake_timeout=self.handshake_timeout,
                     ),
                     timeout=self.handshake_timeout + 1,
@@ -240,10 +289,7 @@ class TlsListener:
                     reason,
                     exc.__class__.__name__,
                 )
-                transport.abort()
-                return
-            if tls_transport is None:  # pragma: no cover - start_tls contract
-                transport.abort()
+                conn.close()
                 return
             writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
             ssl_object = writer.get_extra_info("ssl_object")
@@ -257,9 +303,9 @@ class TlsListener:
                 self.metrics.handshakes.inc(lname, "accepted", "ok")
             else:
                 self.metrics.handshakes.inc(lname, "rejected", decision.reason.value)
-            conn = TlsConnection(reader, writer, peer, self.listener, decision, chain)
+            session = TlsConnection(reader, writer, peer, self.listener, decision, chain)
             try:
-                await self.handler(conn)
+                await self.handler(session)
             except asyncio.CancelledError:
                 raise
             except Exception:

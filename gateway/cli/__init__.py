@@ -23,6 +23,7 @@ _GROUPS = (
     "gateway.cli.crl_cmd",  # adds `crl status` to store_cmds' `crl` group
     "gateway.cli.config_cmd",
     "gateway.cli.fleet_cmd",
+    "gateway.cli.token_cmd",  # tokens rotate-key, tokens keys
 )
 
 

@@ -72,7 +72,13 @@ __all__ = [
 log = logging.getLogger("mtls_gateway.http")
 access_log = logging.getLogger("mtls_gateway.http.access")
 
-ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt", "gateway.http.ca", "gateway.http.est")
+ROUTE_MODULES: tuple[str, ...] = (
+    "gateway.http.mgmt",
+    "gateway.http.ca",
+    "gateway.http.est",
+    "gateway.http.device",  # /identity, /topics/... (issue 5)
+    "gateway.http.proxy",  # [[http.proxy]] prefixes (issue 5)
+)
 """Route modules of the HTTPS listener (each defines ``register_routes(app, ctx)``)."""
 MANAGEMENT_ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt", "gateway.http.ca")
 """Route modules of the optional plain management listener (no device routes)."""
@@ -408,9 +414,11 @@ async def start_http_servers(
     registry: SessionRegistry,
     metrics: GatewayMetrics,
     config: Config,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[HttpContext, dict[str, HttpServer]]:
     """Start the HTTPS listener (``listeners.https``) and, when enabled, the plain
-    management listener (``listeners.management``); returns them by name."""
+    management listener (``listeners.management``); returns them by name.
+    ``extra`` seeds :attr:`HttpContext.extra` (shared daemon services)."""
     from gateway.http.auth import Authenticator
 
     box = await asyncio.to_thread(SecretBox.load_or_create, config.data_dir)
@@ -422,6 +430,7 @@ async def start_http_servers(
         config=config,
         secrets=box,
         auth=Authenticator(store),
+        extra=dict(extra or {}),
     )
     servers: dict[str, HttpServer] = {}
     try:
