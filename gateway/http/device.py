@@ -63,6 +63,7 @@ from aiohttp import web
 from gateway.admission import Admission
 from gateway.device_tokens import DeviceTokens, TokenRefused
 from gateway.http import jsonmodel as jm
+from gateway.http.est import TOKEN_AUTH_HOOK
 from gateway.http.server import ApiError, HttpContext, json_response, read_body
 from gateway.sessions import CloseFn, Session
 from gateway.trust_state import peer_chain_der
@@ -207,7 +208,7 @@ class DeviceAuthenticator:
             return await self._by_certificate(request, transport, ssl_object, leaf)
         scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
         if scheme.lower() == "bearer" and self.tokens is not None:
-            return await self._by_token(value.strip())
+            return await self.authenticate_token(value.strip())
         raise _unauthorized(
             "security/unauthorized",
             "device routes need a client certificate"
@@ -263,8 +264,10 @@ class DeviceAuthenticator:
             chain=tuple(chain),
         )
 
-    async def _by_token(self, token: str) -> DevicePrincipal:
-        assert self.tokens is not None
+    async def authenticate_token(self, token: str) -> DevicePrincipal:
+        """The device of a bearer token, or :class:`ApiError` 401/403/503."""
+        if self.tokens is None:
+            raise _unauthorized("security/invalid_token", "device access tokens are off", True)
         if not token or len(token) > MAX_TOKEN_CHARS:
             raise _unauthorized("security/invalid_token", "malformed bearer token", True)
         try:
@@ -341,8 +344,17 @@ def device_auth(app: web.Application, ctx: HttpContext) -> DeviceAuthenticator:
 
 
 def register_routes(app: web.Application, ctx: HttpContext) -> None:
-    """Add the device routes (explicit list: the OpenAPI file mirrors it)."""
-    api = DeviceApi(ctx, services_of(ctx), device_auth(app, ctx))
+    """Add the device routes (explicit list: the OpenAPI file mirrors it) and
+    lend EST's ``/simplereenroll`` the bearer-token check."""
+    auth = device_auth(app, ctx)
+    api = DeviceApi(ctx, services_of(ctx), auth)
+    if auth.tokens is not None:
+
+        async def est_token_auth(_request: web.Request, token: str) -> tuple[str, str]:
+            principal = await auth.authenticate_token(token)
+            return principal.tenant, principal.device_id
+
+        ctx.extra[TOKEN_AUTH_HOOK] = est_token_auth
     routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
         ("GET", "/identity", api.identity),
         ("POST", "/topics/{topic:.+}", api.publish),

@@ -17,11 +17,17 @@ SUBSCRIBE (mosquitto queues them with the SUBACK; amqtt awaits them before
 reading the next subscription), so the fence's SUBACK means "no retained
 message follows". A message that arrives without the retain flag is live
 traffic and is ignored.
+
+Publishing ends with the same fence before DISCONNECT: amqtt hands a PUBLISH
+(and sends its PUBACK) before its session loop has routed it, and drops it if
+DISCONNECT wins that race; the fence's SUBACK comes from that loop, after the
+message was routed (and retained).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocols.mqtt.backend import Backend, BackendConnection
@@ -110,6 +116,18 @@ class _Client:
             code = packet.reason_code if isinstance(packet, Connack) else "no CONNACK"
             raise BusError(f"the broker refused the gateway's session ({code})")
 
+    async def fence(self, after: Callable[[Packet], None] = lambda _p: None) -> None:
+        """Subscribe to a topic no one publishes to and wait for its SUBACK; every
+        packet the broker sends before it goes to ``after``."""
+        pid = self.packet_id()
+        topic = _FENCE_PREFIX + secrets.token_hex(8)
+        await self.send(Subscribe(pid, ((topic, SubscriptionOptions(qos=0)),)))
+        while True:
+            packet = await self.receive()
+            if isinstance(packet, Suback) and packet.packet_id == pid:
+                return
+            after(packet)
+
     async def logout(self) -> None:
         await self.send(Disconnect())
 
@@ -144,29 +162,36 @@ class _Publish(_Op):
     async def run(self, client: _Client, topic: str) -> RetainedMessage | None:
         pid = client.packet_id() if self.qos else None
         await client.send(Publish(topic, self.payload, self.qos, self.retain, packet_id=pid))
-        while self.qos == 1:  # the broker has it once it acknowledged it
-            packet = await client.receive()
-            if isinstance(packet, Puback) and packet.packet_id == pid:
-                break
+        acked = self.qos == 0
+
+        def seen(packet: Packet) -> None:
+            nonlocal acked
+            acked = acked or (isinstance(packet, Puback) and packet.packet_id == pid)
+
+        await client.fence(seen)
+        while not acked:  # a broker may answer the fence before the PUBACK
+            seen(await client.receive())
         return None
 
 
 class _ReadRetained(_Op):
     async def run(self, client: _Client, topic: str) -> RetainedMessage | None:
-        first, fence = client.packet_id(), client.packet_id()
-        fence_topic = _FENCE_PREFIX + secrets.token_hex(8)
-        await client.send(Subscribe(first, ((topic, SubscriptionOptions(qos=0)),)))
-        await client.send(Subscribe(fence, ((fence_topic, SubscriptionOptions(qos=0)),)))
+        pid = client.packet_id()
+        await client.send(Subscribe(pid, ((topic, SubscriptionOptions(qos=0)),)))
         found: RetainedMessage | None = None
-        while True:
-            packet = await client.receive()
-            if isinstance(packet, Suback) and packet.packet_id == first:
-                if packet.reason_codes and packet.reason_codes[0] >= 0x80:
-                    raise BusError("the broker refused the subscription")
-            elif isinstance(packet, Suback) and packet.packet_id == fence:
-                return found
+        refused = False
+
+        def seen(packet: Packet) -> None:
+            nonlocal found, refused
+            if isinstance(packet, Suback) and packet.packet_id == pid:
+                refused = not packet.reason_codes or packet.reason_codes[0] >= 0x80
             elif isinstance(packet, Publish) and packet.topic == topic and packet.retain:
                 found = RetainedMessage(packet.topic, packet.payload, packet.qos)
+
+        await client.fence(seen)
+        if refused:
+            raise BusError("the broker refused the subscription")
+        return found
 
 
 async def publish(

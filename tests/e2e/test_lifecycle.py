@@ -205,17 +205,13 @@ async def daemons():  # type: ignore[no-untyped-def]
         await d.close()
 
 
-# Under uvloop the TLS acceptor (gateway/tls.py) loses a ClientHello that arrives
-# before it calls start_tls (uvloop starts reading right after connection_made, so
-# its pause_reading() there is a no-op): clients that send it at once (Python's ssl,
-# openssl s_client, sometimes mosquitto) stall until the handshake timeout. These
-# tests are about the lifecycle, so they run on the stdlib loop until that is fixed.
-STDLIB_LOOP = 'event_loop = "asyncio"\n'
+# The daemon runs on its default loop (uvloop when installed), as in production.
+LOOP = ""
 
 
 async def _start(daemons: list[Daemon], tmp: Path, extra: str = "", top: str = "") -> Daemon:
     """A daemon on ``top`` (top-level keys) + the ephemeral listeners + ``extra`` tables."""
-    daemon = Daemon(tmp, STDLIB_LOOP + top + BASE_CONFIG + extra)
+    daemon = Daemon(tmp, LOOP + top + BASE_CONFIG + extra)
     daemons.append(daemon)
     await daemon.start()
     return daemon
@@ -321,7 +317,7 @@ async def test_sighup_serves_the_new_certificate_and_keeps_sessions(
         # and settings that cannot change at runtime, next to one that can
         store = tmp_path / "elsewhere.db"
         d.config_path.write_text(
-            STDLIB_LOOP
+            LOOP
             + f"store = 'sqlite:///{store}'\n"
             + BASE_CONFIG.replace(
                 '[listeners.mqtt_service]\nhost = "127.0.0.1"\nport = 0',
