@@ -239,7 +239,7 @@ class _Link:
         self.identity = admitted
         self.session = self.server.registry.add(admitted, self.conn.peer, self._kill)
         log.info(
-            "mqtt session open listener=%s tenant=%s device=%s client_id=%s peer=%s",
+            "mqtt session open listener=%s tenant=%s device=%s client_id=%s peer=%s reason=ok",
             self.lname,
             admitted.tenant,
             admitted.device_id,
@@ -282,6 +282,9 @@ class _Link:
             decision = self.conn.decision
             tenant = getattr(decision, "tenant", None)
             device = getattr(decision, "device_id", None)
+            if isinstance(decision, Rejection) and code in ("connection_lost", "connect_timeout"):
+                # the device left before CONNECT: the decision is the real reason
+                code, message = decision.reason.value, f"{decision.message} ({code})"
             log.info(
                 "mqtt connection refused listener=%s tenant=%s device=%s peer=%s reason=%s: %s",
                 self.lname,
