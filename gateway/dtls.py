@@ -29,6 +29,11 @@ owns the socket-facing rules around it:
   constrained clients such as libcoap send only their leaf); the verified chain
   is then given to ``decide`` (normally :meth:`DtlsTrust.decide`) *inside* the
   handshake, so a rejected device gets a fatal alert instead of a session.
+  OpenSSL's own refusals carry their usual alert (unknown_ca, ...); a refusal
+  by the trust decision (not registered, revoked, disabled) arrives as
+  internal_error, because pyOpenSSL's verify callback cannot set an X.509
+  error code. The real reason is in the log and in
+  ``mtls_gateway_handshakes_total{listener="lwm2m",result="rejected"}``.
 
 :class:`DtlsServer` is sans-IO (datagrams and ``now`` in, datagrams and events
 out); :class:`DtlsListener` is the thin asyncio glue that owns the socket and
@@ -507,12 +512,17 @@ class DtlsServer:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now`` (retransmissions, timeouts, idle expiry)."""
         self._cookies.rotate(now)
+        due: list[_Session] = []
         while self._timers and self._timers[0][0] <= now:
             when, _, session = heapq.heappop(self._timers)
-            if session.state is _State.CLOSED or when != session.scheduled:
-                continue  # stale entry
-            session.scheduled = math.inf
-            self._on_timer(session, now)
+            if session.state is not _State.CLOSED and when == session.scheduled:
+                session.scheduled = math.inf
+                due.append(session)
+        # handled after collecting, so an entry re-armed for ``now`` waits for the
+        # next call instead of spinning here
+        for session in due:
+            if session.state is not _State.CLOSED:
+                self._on_timer(session, now)
 
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` should run next (None: nothing scheduled)."""
@@ -769,7 +779,8 @@ class DtlsServer:
 
     def _schedule(self, session: _Session, now: float) -> None:
         timeout = session.conn.DTLSv1_get_timeout()
-        session.retransmit_at = None if timeout is None else now + timeout
+        # OpenSSL keeps its own clock; an already-expired timer is retried 1 ms later
+        session.retransmit_at = None if timeout is None else now + max(timeout, 0.001)
         due = session.due(self.settings)
         # Only an earlier deadline needs a new heap entry; a later one is found
         # when the current entry pops (lazy re-arming keeps the heap small).

@@ -23,7 +23,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.store.base import NotFound, Store, StoreError
 from trust.certs import CertificateError, load_der_chain
-from trust.model import Change, ChangeKind, Decision, DeviceIdentity, Listener, Reason, Rejection
+from trust.model import (
+    Change,
+    ChangeKind,
+    Decision,
+    DeviceIdentity,
+    DeviceUser,
+    Listener,
+    PendingRegistration,
+    Reason,
+    Rejection,
+)
 from trust.policy import DecisionPolicy, OnlineCheck, decide
 from trust.snapshot import TenantTrust, TrustSnapshot, parse_anchor
 
@@ -62,9 +72,16 @@ async def load_snapshot(store: Store) -> TrustSnapshot:
 async def apply_changes(
     store: Store, snap: TrustSnapshot, changes: Sequence[Change]
 ) -> TrustSnapshot:
-    """Derive the next snapshot by re-reading only what the changes touched."""
+    """Derive the next snapshot by re-reading only what the changes touched.
+
+    Device and pending updates are gathered and applied in one copy each, so a
+    burst of registrations costs O(devices + changes), not their product.
+    """
     tenants_to_reload: set[str] = set()
+    devices: dict[tuple[str, str], DeviceUser | None] = {}
+    pendings: dict[tuple[str, str], PendingRegistration | None] = {}
     for ch in changes:
+        key = (ch.tenant, ch.key)
         if ch.kind in (
             ChangeKind.TENANT,
             ChangeKind.ANCHOR,
@@ -72,18 +89,20 @@ async def apply_changes(
             ChangeKind.SETTINGS,
         ):
             tenants_to_reload.add(ch.tenant)
-        elif ch.kind is ChangeKind.DEVICE:
+        elif ch.kind is ChangeKind.DEVICE and key not in devices:
             try:
-                user = await store.get_device(ch.tenant, ch.key)
+                devices[key] = await store.get_device(ch.tenant, ch.key)
             except NotFound:
-                user = None
-            snap = snap.with_device((ch.tenant, ch.key), user)
-        elif ch.kind is ChangeKind.PENDING:
+                devices[key] = None
+        elif ch.kind is ChangeKind.PENDING and key not in pendings:
             try:
-                pending = await store.get_pending_registration(ch.tenant, ch.key)
+                pendings[key] = await store.get_pending_registration(ch.tenant, ch.key)
             except NotFound:
-                pending = None
-            snap = snap.with_pending((ch.tenant, ch.key), pending)
+                pendings[key] = None
+    if devices:
+        snap = snap.with_devices(devices)
+    if pendings:
+        snap = snap.with_pendings(pendings)
     for tenant in sorted(tenants_to_reload):
         if not await store.tenant_exists(tenant):
             snap = snap.without_tenant(tenant)
@@ -114,7 +133,8 @@ def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes] | N
     if getter is None:  # pragma: no cover - would be a Python without the API
         leaf = ssl_object.getpeercert(binary_form=True)
         return [leaf] if leaf else None
-    chain = getter()
+    # 3.11 answers [None] (not []) when the client sent no certificate
+    chain = [c for c in (getter() or ()) if c is not None]
     if not chain:
         leaf = ssl_object.getpeercert(binary_form=True)
         return [leaf] if leaf else None

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from trust.certs import is_ca
+from trust.certs import display_name, is_ca
 from trust.model import valid_tenant_id
 
 __all__ = [
@@ -448,7 +448,7 @@ def platform_subject(name: x509.Name) -> str:
 
     RFC 4514 order (most specific first) with ", " between RDNs.
     """
-    return ", ".join(rdn.rfc4514_string() for rdn in reversed(name.rdns))
+    return display_name(name)
 
 
 def _utc(now: datetime) -> datetime:

@@ -178,14 +178,20 @@ def describe(cert: x509.Certificate) -> CertificateInfo:
     """Extract the platform's read-only trusted-certificate fields."""
     return CertificateInfo(
         fingerprint=fingerprint(cert),
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=display_name(cert.subject),
+        issuer=display_name(cert.issuer),
         serial_number=serial_hex(cert.serial_number),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         algorithm_name=algorithm_name(cert),
         version=cert.version.value + 1,
     )
+
+
+def display_name(name: x509.Name) -> str:
+    """A name as the platform shows it: RFC 4514 order with ``", "`` between RDNs
+    (``"CN=t1, O=mtls-gateway"``)."""
+    return ", ".join(rdn.rfc4514_string() for rdn in reversed(name.rdns))
 
 
 def _short(exc: BaseException) -> str:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-from collections.abc import Sequence
 import hashlib
 import hmac
+import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -55,6 +55,7 @@ __all__ = [
     "cacerts_response",
     "certs_only_pkcs7_base64",
     "check_enroll",
+    "decode_csr",
     "enroll_response",
     "enrollment_audit",
     "hash_otp",
@@ -133,6 +134,24 @@ def parse_csr(body: bytes, content_transfer_encoding: str | None) -> x509.Certif
     :func:`trust.ca.check_csr`. Raises :class:`EstError` only: 413 when the
     body is too large, 400 otherwise.
     """
+    csr = decode_csr(body, content_transfer_encoding)
+    try:
+        check_csr(csr)
+    except CsrRejected as exc:
+        raise EstError(400, exc.message) from None
+    return csr
+
+
+def decode_csr(
+    body: bytes, content_transfer_encoding: str | None
+) -> x509.CertificateSigningRequest:
+    """:func:`parse_csr` without :func:`trust.ca.check_csr`.
+
+    For an adapter that hands the request straight to
+    :func:`trust.ca.sign_device_certificate`, which runs the same check: the
+    CSR's signature verification is the most expensive step of an enrollment
+    (~0.3 ms), so it should run once.
+    """
     # Bound the input before looking at it (STYLE: bound every buffer).
     if len(body) > MAX_CSR_BYTES:
         raise EstError(413, f"the request body is larger than {MAX_CSR_BYTES} bytes")
@@ -145,16 +164,11 @@ def parse_csr(body: bytes, content_transfer_encoding: str | None) -> x509.Certif
         )
     der = _csr_der(bytes(body))
     try:
-        csr = x509.load_der_x509_csr(der)
+        return x509.load_der_x509_csr(der)
     except Exception:
         raise EstError(
             400, "the request body is not a PKCS#10 certificate signing request (CSR)"
         ) from None
-    try:
-        check_csr(csr)
-    except CsrRejected as exc:
-        raise EstError(400, exc.message) from None
-    return csr
 
 
 def check_enroll(csr: x509.CertificateSigningRequest, device_id: str) -> None:

@@ -135,19 +135,24 @@ class TrustSnapshot:
         return self.with_tenants(merged)
 
     def with_device(self, key: DeviceKey, user: DeviceUser | None) -> TrustSnapshot:
+        return self.with_devices({key: user})
+
+    def with_devices(self, updates: Mapping[DeviceKey, DeviceUser | None]) -> TrustSnapshot:
+        """A copy with device users set (None removes); one copy for the whole batch."""
         devices = dict(self.devices)
-        if user is None:
-            devices.pop(key, None)
-        else:
-            devices[key] = user
         idx = dict(self.device_tenants)
-        tenants = {t for t in idx.get(key[1], ()) if t != key[0]}
-        if user is not None:
-            tenants.add(key[0])
-        if tenants:
-            idx[key[1]] = tuple(sorted(tenants))
-        else:
-            idx.pop(key[1], None)
+        for key, user in updates.items():
+            if user is None:
+                devices.pop(key, None)
+            else:
+                devices[key] = user
+            tenants = {t for t in idx.get(key[1], ()) if t != key[0]}
+            if user is not None:
+                tenants.add(key[0])
+            if tenants:
+                idx[key[1]] = tuple(sorted(tenants))
+            else:
+                idx.pop(key[1], None)
         return replace(
             self,
             devices=MappingProxyType(devices),
@@ -155,11 +160,18 @@ class TrustSnapshot:
         )
 
     def with_pending(self, key: DeviceKey, pending: PendingRegistration | None) -> TrustSnapshot:
+        return self.with_pendings({key: pending})
+
+    def with_pendings(
+        self, updates: Mapping[DeviceKey, PendingRegistration | None]
+    ) -> TrustSnapshot:
+        """A copy with pending registrations set (None removes), in one copy."""
         items = dict(self.pending)
-        if pending is None:
-            items.pop(key, None)
-        else:
-            items[key] = pending
+        for key, pending in updates.items():
+            if pending is None:
+                items.pop(key, None)
+            else:
+                items[key] = pending
         return replace(self, pending=MappingProxyType(items))
 
     # reads ---------------------------------------------------------------------

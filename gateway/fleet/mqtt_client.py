@@ -78,7 +78,7 @@ class _MqttProtocol(asyncio.Protocol):
         except MqttProtocolError as exc:
             for p in exc.packets:
                 self._packet(p)
-            self._fail("malformed")
+            self.fail("malformed")
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -89,7 +89,7 @@ class _MqttProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(classify(exc) if exc is not None else "closed")
+        self.fail(classify(exc) if exc is not None else "closed")
         err = ConnectFailure(self.failure or "closed")
         for fut in (self.connack, self.suback):
             if fut is not None and not fut.done():
@@ -119,7 +119,8 @@ class _MqttProtocol(asyncio.Protocol):
         if waiter is not None:
             await waiter
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Record why the connection ends (the first reason wins)."""
         if self.failure is None:
             self.failure = reason
 
@@ -142,7 +143,7 @@ class _MqttProtocol(asyncio.Protocol):
             if self.suback is not None and not self.suback.done():
                 self.suback.set_result(p)
         elif isinstance(p, Disconnect):
-            self._fail(f"disconnect:{p.reason_code}")
+            self.fail(f"disconnect:{p.reason_code}")
 
 
 class MqttConnection:
@@ -204,7 +205,7 @@ class MqttConnection:
     async def disconnect(self, grace: float = 2.0) -> None:
         """Send DISCONNECT and close the TLS connection (bounded, never raises)."""
         self.write(encode(Disconnect(), self.proto.version))
-        self.proto._fail("closed_by_client")
+        self.proto.fail("closed_by_client")
         self.transport.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self.proto.lost), grace)
@@ -212,7 +213,7 @@ class MqttConnection:
             self.transport.abort()
 
     def abort(self) -> None:
-        self.proto._fail("closed_by_client")
+        self.proto.fail("closed_by_client")
         self.transport.abort()
 
     async def wait_lost(self) -> None:

@@ -147,6 +147,8 @@ class _Worker:
         self.live = 0
         self.driver: Driver = load_driver(options.protocol, options.driver)
         self.rng = random.Random(options.seed)
+        self.t0 = self.t_end = 0.0
+        self.storm_at = math.inf
 
     def counters(self) -> dict[str, int]:
         s = self.stats

@@ -16,6 +16,10 @@ Modules:
   :mod:`gateway.operations` function (validation + store + audit).
 * :mod:`~gateway.http.jsonmodel` — objects ↔ the platform's JSON, paging.
 * :mod:`~gateway.http.crl` — the tenant's revocations as a signed DER CRL.
+* :mod:`~gateway.http.device` — device routes (``/identity``, ``/topics/...``):
+  client certificate or device access token per request, never Basic.
+* :mod:`~gateway.http.proxy` — ``[[http.proxy]]`` prefixes forwarded upstream
+  for authenticated devices, with trusted identity headers.
 
 To add routes (``/identity``, EST, ``/certificate-authority``, …) write a
 module with ``register_routes(app, ctx)`` and append it to

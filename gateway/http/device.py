@@ -14,11 +14,18 @@ The upstream proxy (:mod:`gateway.http.proxy`) authenticates with the same
    (first-connect registration, provisioned-certificate records). The
    connection is registered once in the session registry: revoking a
    certificate of the chain, disabling the device user or the anchor closes it
-   (TLS close, cut after 1 s). A presented certificate decides alone: when it
-   is refused, a bearer token on the same request is not tried;
+   (TLS close, cut after 1 s). Every request on it is decided again (a cache
+   hit), so nothing is served between a trust change and the close. A
+   presented certificate decides alone: when it is refused, a bearer token on
+   the same request is not tried;
 2. else ``Authorization: Bearer <token>``, a device access token
-   (:mod:`gateway.device_tokens`), checked against the live rules per request;
+   (:mod:`gateway.device_tokens`), checked against the live rules per request
+   (it is also EST's check for ``/simplereenroll``, through
+   ``gateway.http.est.TOKEN_AUTH_HOOK``);
 3. else 401. Management (Basic) credentials are never accepted here.
+
+Certificate decisions are counted in ``mtls_gateway_handshakes_total{listener="https"}``
+(once per accepted connection, once per refused request).
 
 **Refusals** (``{"error": "security/<reason>", ...}``):
 
@@ -227,6 +234,7 @@ class DeviceAuthenticator:
             chain = peer_chain_der(ssl_object) or [leaf]
             decision = trust.decide_der(chain, Listener.HTTPS, now)
         if isinstance(decision, Rejection):
+            self.ctx.metrics.handshakes.inc(Listener.HTTPS.value, "rejected", decision.reason.value)
             log.info(
                 "https device refused tenant=%s device=%s peer=%s reason=%s: %s",
                 decision.tenant,
@@ -244,7 +252,11 @@ class DeviceAuthenticator:
             peer = _peer(transport)
             admitted = await self.admission.admit(decision, peer)
             if isinstance(admitted, Rejection):
+                self.ctx.metrics.handshakes.inc(
+                    Listener.HTTPS.value, "rejected", admitted.reason.value
+                )
                 raise refusal(admitted, token=False)
+            self.ctx.metrics.handshakes.inc(Listener.HTTPS.value, "accepted", "ok")
             if conn is not None:
                 self.ctx.registry.remove(conn.session)
             session = self.ctx.registry.add(admitted, peer, _closer(transport))

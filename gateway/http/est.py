@@ -54,7 +54,6 @@ from datetime import datetime
 from aiohttp import web
 from cryptography import x509
 
-from gateway import operations as ops
 from gateway.ca_service import CaService, SigningCa, ca_service_for
 from gateway.http.auth import REALM, FailureLimiter, parse_basic
 from gateway.http.server import ApiError, HttpContext, peer_chain, read_body
@@ -193,15 +192,18 @@ class EstApi:
     def _admit(self, request: web.Request) -> str:
         """429 while the source address is over its failure limit."""
         address = request.remote or "unknown"
-        wait = self.failures.retry_after(address, self._monotonic())
-        if wait > 0:
-            raise ApiError(
-                429,
-                "general/too_many_requests",
-                "too many failed EST authentications from this address; try again later",
-                {"Retry-After": str(math.ceil(wait))},
-            )
+        if self.failures.retry_after(address, self._monotonic()) > 0:
+            raise self._too_many(address)
         return address
+
+    def _too_many(self, address: str) -> ApiError:
+        wait = self.failures.retry_after(address, self._monotonic())
+        return ApiError(
+            429,
+            "general/too_many_requests",
+            "too many failed EST authentications from this address; try again later",
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
     def _failed(self, address: str) -> None:
         if self.failures.failure(address, self._monotonic()):
@@ -231,16 +233,19 @@ class EstApi:
                 " /.well-known/est/<tenantId>/simpleenroll with <device id>:<OTP>"
             )
         device_id = creds.username
-        # Counted before the check and forgiven on success: parallel guesses
-        # cannot all get in under the limit.
-        self._failed(address)
         pending = await self._pending(tenant, device_id)
+        # Re-checked after the await above; from here to the count below nothing
+        # interleaves (the OTP check is an HMAC, microseconds), so parallel
+        # guesses cannot slip past the limit, while parallel *valid*
+        # enrollments from one address (a factory line) are never counted.
+        if self.failures.retry_after(address, self._monotonic()) > 0:
+            raise self._too_many(address)
         key = self.service.otp_key
         if not est.verify_otp(pending.otp_hash if pending else None, creds.password, key):
+            self._failed(address)
             log.info("EST enrollment refused for %s/%s from %s: no request or wrong OTP",
                      tenant[:64], device_id[:64], address)  # fmt: skip
             raise _error(est.no_request())
-        self.failures.forgive(address)
         return _Requester(tenant, device_id, "otp", pending=pending)
 
     async def _pending(self, tenant: str, device_id: str) -> PendingRegistration | None:
@@ -296,13 +301,14 @@ class EstApi:
     ) -> web.Response:
         body = await read_body(request, est.MAX_CSR_BYTES)
         try:
-            csr = est.parse_csr(body, request.headers.get("Content-Transfer-Encoding"))
-            est.check_enroll(csr, requester.device_id)
+            csr = est.decode_csr(body, request.headers.get("Content-Transfer-Encoding"))
         except CaError as exc:
             raise _error(exc) from None
         now = self.ctx.now()
         ca = await self._signing_ca(requester)
         try:
+            # Checks the CSR (key, proof of possession, CN == device id: 400/403)
+            # before signing; its signature is verified once, here.
             cert = sign_device_certificate(csr, ca.certificate, ca.key, requester.device_id, now)
         except CaError as exc:
             raise _error(exc) from None
@@ -351,31 +357,31 @@ class EstApi:
     async def _commit(
         self, requester: _Requester, cert: x509.Certificate, now: datetime, address: str
     ) -> None:
-        """Consume the OTP (the atomic gate), register, audit, record; then answer."""
+        """Register (spending the OTP), audit, record; the certificate is then sent.
+
+        ``register_device`` creates the device user and deletes its pending
+        request in one transaction: ``created`` is the atomic gate that lets
+        exactly one of several concurrent requests with the same OTP through
+        (a pending request and its device user never coexist). A refused
+        request, or a store failure here, leaves the OTP usable.
+        """
         tenant, device_id = requester.tenant, requester.device_id
         store = self.ctx.store
-        pending = requester.pending
-        if pending is not None:
-            try:
-                consumed = await store.consume_pending_registration(tenant, device_id)
-            except NotFound:
-                raise _error(est.no_request()) from None  # used concurrently a moment ago
-            if consumed.otp_hash != pending.otp_hash:
-                # replaced by a new bulk registration between check and consume
-                await self._restore(consumed)
-                raise _error(est.no_request())
-        via = "est" if pending is not None else requester.registration.value
-        try:
-            if pending is not None or requester.registration is not Registration.EXISTING:
-                await ops.register_device(store, tenant, device_id, via, now, "est")
-        except (StoreError, ops.OperationError):
-            if pending is not None:
-                await self._restore(pending)  # the device may try again with its OTP
-            raise
+        registered = ""
+        if requester.pending is not None or requester.registration is not Registration.EXISTING:
+            via = "est" if requester.pending is not None else requester.registration.value
+            user, created = await store.register_device(tenant, device_id, via, now)
+            if requester.pending is not None and not created:
+                raise _error(est.no_request())  # spent by a concurrent request a moment ago
+            if not user.enabled:
+                raise ApiError(403, f"{AREA}/forbidden", f"device user {user.username} is disabled")
+            registered = f"; device user {user.username} registered ({via})" if created else ""
         activity, kind, text = est.enrollment_audit(device_id, cert.serial_number)
         how = {"otp": "enrollment OTP", "certificate": "current certificate", "token": "token"}
-        text += f" (authenticated by {how[requester.method]}, from {address})"
+        text += f" (authenticated by {how[requester.method]}, from {address}){registered}"
         try:
+            # One record per certificate (spec: "What to do when the enrollment
+            # process has been compromised"); it also tells of the registration.
             await store.add_audit(
                 AuditRecord(
                     tenant=tenant,
@@ -406,13 +412,6 @@ class EstApi:
                       cert.serial_number, tenant, device_id, exc)  # fmt: skip
         log.info("EST: issued certificate %x to %s/%s (%s, from %s)",
                  cert.serial_number, tenant, device_id, requester.method, address)  # fmt: skip
-
-    async def _restore(self, pending: PendingRegistration) -> None:
-        try:
-            await self.ctx.store.add_pending_registration(pending)
-        except StoreError as exc:
-            log.warning("EST: could not restore the pending request of %s/%s: %s",
-                        pending.tenant, pending.device_id, exc)  # fmt: skip
 
 
 def _client_chain(request: web.Request) -> list[bytes] | None:

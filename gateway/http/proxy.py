@@ -28,6 +28,7 @@ only because the gateway removes every client-supplied one first:
 (or next body chunk) within ``read_timeout``: 504. Refused or broken
 connection: 502. Once the response has started, a failure can only cut the
 connection (the device sees a truncated body, never a silent short one).
+Protocol upgrades (WebSocket) are not proxied: ``Upgrade`` is hop-by-hop.
 """
 
 from __future__ import annotations
@@ -259,6 +260,9 @@ class UpstreamProxy:
 
 def _target(route: ProxyRoute, request: web.Request) -> URL:
     raw = request.rel_url.raw_path
+    if raw != route.prefix and not raw.startswith(route.prefix + "/"):
+        # the prefix itself percent-encoded: the raw rest would be cut at the wrong place
+        raise ApiError(400, "proxy/bad_path", "the proxy prefix must not be percent-encoded")
     rest = raw[len(route.prefix) :]
     if any(seg in (".", "..") for seg in unquote(rest).split("/")):
         raise ApiError(400, "proxy/bad_path", "dot segments are not forwarded")

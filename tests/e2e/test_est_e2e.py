@@ -11,6 +11,7 @@ directory can be searched for private keys.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -28,9 +29,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from gateway import operations as ops
 from gateway.ca_service import ca_service_for
 from gateway.config import load_config
+from gateway.http.device import services_of
 from tests.helpers import Pki, RunningGateway, mqtt_pub, run, start_gateway, stop_gateway
 from trust.certs import fingerprint
 from trust.est import CA_UNAVAILABLE, NO_REQUEST
+from trust.model import DeviceIdentity, Listener
+
+HTTPS = Listener.HTTPS
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +153,7 @@ async def enroll(
     *extra: str,
     path: str = f"{EST}/simpleenroll",
 ) -> Reply:
+    """``curl --data-binary @csr.b64 -H 'Content-Type: application/pkcs10' -u …``."""
     return await curl(
         rg,
         tmp,
@@ -155,8 +161,6 @@ async def enroll(
         f"@{csr}",
         "-H",
         "Content-Type: application/pkcs10",
-        "-H",
-        "Content-Transfer-Encoding: base64",
         *extra,
         url(rg, path),
         user=user,
@@ -295,8 +299,8 @@ async def test_create_ca_bulk_enroll_connect_and_reenroll(
     assert reply.status == 403, reply
     assert "does not match the device id" in reply.json()["message"]
 
-    # the enrollment, exactly as the issue's example
-    reply = await enroll(gw, t, csr1, f"t1/dev1:{OTP1}")
+    # the enrollment, as the issue's example (the spec's header for the encoding too)
+    reply = await enroll(gw, t, csr1, f"t1/dev1:{OTP1}", "-H", "Content-Transfer-Encoding: base64")
     assert reply.status == 201, reply
     assert reply.headers["content-type"] == "application/pkcs7-mime; smime-type=certs-only"
     assert reply.headers["content-transfer-encoding"] == "base64"
@@ -357,11 +361,53 @@ async def test_create_ca_bulk_enroll_connect_and_reenroll(
     # re-enroll without credentials: refused
     reply = await enroll(gw, t, csr1b, None, path=f"{EST}/simplereenroll")
     assert reply.status == 401, reply
-    # both issued certificates are provisioned, each with its audit record
+    # /cacerts finds the tenant from the client certificate too
+    reply = await curl(
+        gw, t, "--cert", str(cert1_pem), "--key", str(key1), url(gw, f"{EST}/cacerts"), user=None
+    )
+    assert reply.status == 200 and await print_certs(t, reply.body) == [ca_cert], reply
+    # re-enroll with the device access token (Bearer) the device API issues
+    ctx = gw.gateway.http_context
+    assert ctx is not None
+    tokens = services_of(ctx).tokens
+    assert tokens is not None
+    identity = ctx.trust.decide_der([cert1.public_bytes(serialization.Encoding.DER)], HTTPS)
+    assert isinstance(identity, DeviceIdentity), identity
+    token = await tokens.issue(identity)
+    _, csr1c = await make_csr(t, "dev1c", "/CN=dev1")
+    bearer = f"Authorization: Bearer {token}"
+    reply = await enroll(gw, t, csr1c, None, "-H", bearer, path=f"{EST}/simplereenroll")
+    assert reply.status == 201, reply
+    (cert1c,) = await print_certs(t, reply.body)
+    assert cert1c.subject == cert1.subject
+    reply = await enroll(
+        gw, t, csr1c, None, "-H", bearer + "x", path=f"{EST}/simplereenroll"
+    )  # a forged token
+    assert reply.status == 401, reply
+    # every issued certificate is provisioned, each with its audit record
     reply = await curl(gw, t, url(gw, "/devicecontrol/devices/dev1/certificates"))
-    assert len(reply.json()["certificates"]) == 2
+    assert len(reply.json()["certificates"]) == 3
     records = await audit(gw, t, "TenantCertificateAuthority")
-    assert any(f"'{cert1b.serial_number:x}'" in r["text"] for r in records)
+    for cert in (cert1b, cert1c):
+        assert any(f"'{cert.serial_number:x}'" in r["text"] for r in records)
+
+
+async def test_concurrent_enrollments_with_one_otp_issue_one_certificate(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
+    """The OTP is spent atomically: parallel requests racing with it get one certificate."""
+    t = tmp_path / "dev"
+    await create_ca(gw, t)
+    await bulk_register(gw, t, f"ID;AUTH_TYPE;ENROLLMENT_OTP\ndev1;CERTIFICATES;{OTP1}\n")
+    await gw.wait_refreshed()  # every request then finds the pending request in the snapshot
+    csrs = [(await make_csr(t / str(i), "dev1", "/CN=dev1"))[1] for i in range(8)]
+    replies = await asyncio.gather(
+        *(enroll(gw, t / str(i), csr, f"t1/dev1:{OTP1}") for i, csr in enumerate(csrs))
+    )
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [201] + [401] * 7, replies
+    assert all(r.json()["message"] == NO_REQUEST for r in replies if r.status == 401)
+    assert len(await gw.store.list_provisioned_certificates("t1", "dev1")) == 1
 
 
 async def test_realm_style_credentials_and_tenant_label(gw: RunningGateway, tmp_path: Path) -> None:
@@ -377,6 +423,13 @@ async def test_realm_style_credentials_and_tenant_label(gw: RunningGateway, tmp_
     assert reply.status == 201, reply
     (cert,) = await print_certs(t, reply.body)
     assert cert.subject.rfc4514_string() == "CN=dev2"
+    # /simplereenroll with Basic: a device without a certificate yet uses its OTP
+    await bulk_register(gw, t, f"ID;AUTH_TYPE;ENROLLMENT_OTP\ndev3;CERTIFICATES;{OTP1}\n")
+    _, csr3 = await make_csr(t, "dev3", "/CN=dev3")
+    reply = await enroll(gw, t, csr3, f"t1/dev3:{OTP1}", path=f"{EST}/simplereenroll")
+    assert reply.status == 201, reply
+    reply = await enroll(gw, t, csr3, f"t1/dev3:{OTP1}", path=f"{EST}/simplereenroll")
+    assert reply.status == 401 and reply.json()["message"] == NO_REQUEST, reply
     # /cacerts needs a tenant, from the label or ?tenantId=
     reply = await curl(gw, t, url(gw, f"{EST}/cacerts"), user=None)
     assert reply.status == 400, reply

@@ -43,6 +43,7 @@ from tests.helpers import (
     stop_gateway,
     wait_until,
 )
+from trust.model import Status
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +237,28 @@ async def test_update_and_deregister_with_coap_client(gw: RunningGateway, pki: P
         lwm2m(gw).endpoint("t1", EP)
 
 
+async def test_an_uploaded_intermediate_is_found_for_a_leaf_only_client(
+    tmp_path: Path, pki: Pki
+) -> None:
+    rg = await start_gateway(tmp_path, pki, config=load_config(env={}))  # no intermediates
+    try:
+        await operations.register_device(rg.store, "t1", EP, "manual", NOW, "test")
+        await rg.wait_refreshed()
+        cert, key, _ = pki.device(EP)
+        r = await coap(rg, cert, key, "post", REGISTER, "</1/0>")
+        assert handshake_failed(r)  # coap-client sends its leaf only: issuer unknown
+        assert rejected(rg, "untrusted") == 1
+        pem = pki.inter.cert_pem().decode()
+        await operations.add_trusted_certificate(
+            rg.store, "t1", pem, "intermediate", Status.ENABLED, False, NOW, "test"
+        )
+        await rg.wait_refreshed()  # the DTLS verify store is rebuilt on the change
+        r = await coap(rg, cert, key, "post", REGISTER, "</1/0>")
+        assert registered(rg) == [EP], r.stdout + r.stderr
+    finally:
+        await stop_gateway(rg)
+
+
 # server-initiated requests ------------------------------------------------------------------
 
 
@@ -380,7 +403,7 @@ async def test_spoofed_source_client_hello_flood_creates_no_state(
                 local_addr=(f"127.0.0.{host}", 0),
                 remote_addr=("127.0.0.1", gw.lwm2m_port),
             )
-            sources.append((transport, counter))  # type: ignore[arg-type]
+            sources.append((transport, counter))
     try:
         # Each source retries and never completes the exchange. Sent in bursts
         # the kernel's socket buffer can hold (a real flood just overflows it).
@@ -429,7 +452,7 @@ class Relay:
         back, _ = await loop.create_datagram_endpoint(
             lambda: _Udp(self._from_gateway), remote_addr=self.target
         )
-        self._front, self._back = front, back  # type: ignore[assignment]
+        self._front, self._back = front, back
         port: int = front.get_extra_info("sockname")[1]
         return port
 

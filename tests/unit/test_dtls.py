@@ -429,3 +429,26 @@ def test_trust_store_changes_apply_to_new_handshakes(pki: Pki) -> None:
     again = h.client(addr=("127.0.0.1", 3))
     run(h.server, [again])
     assert again.done and again.error is None
+
+
+def test_a_cookie_only_opens_a_session_for_its_own_address(pki: Pki) -> None:
+    h = Harness(pki)
+    client = h.client()
+    h.server.datagram_received(client.step()[0], PEER, NOW)
+    hvr = [d for d, _ in h.server.take_datagrams()]
+    with_cookie = client.step(hvr)[0]
+    elsewhere = ("127.0.0.9", 40000)
+    h.server.datagram_received(with_cookie, elsewhere, NOW)  # replayed from another source
+    assert [(d[13], a) for d, a in h.server.take_datagrams()] == [(3, elsewhere)]
+    assert h.server.stats() == type(h.server.stats())(0, 0)
+    h.server.datagram_received(with_cookie, PEER, NOW)  # from the address it was issued to
+    assert h.server.stats().handshakes == 1
+    # the secret rotated twice since: the same cookie no longer opens anything
+    h2 = Harness(pki, DtlsSettings(cookie_lifetime=10))
+    c2 = h2.client()
+    h2.server.datagram_received(c2.step()[0], PEER, NOW)
+    stale = c2.step([d for d, _ in h2.server.take_datagrams()])[0]
+    h2.server.handle_timer(NOW + 10)
+    h2.server.handle_timer(NOW + 20)
+    h2.server.datagram_received(stale, PEER, NOW + 20)
+    assert h2.server.stats().handshakes == 0

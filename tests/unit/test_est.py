@@ -250,6 +250,21 @@ def test_forged_signature_is_rejected() -> None:
     assert "signature" in info.value.message
 
 
+def test_decode_csr_leaves_the_check_to_signing() -> None:
+    """decode_csr only decodes; sign_device_certificate still refuses the forgery."""
+    forged = csr_der().replace(b"dev1", b"dev2")
+    csr = est.decode_csr(base64.b64encode(forged), "base64")
+    cert, key = tenant_ca()
+    with pytest.raises(ca.CsrRejected) as info:
+        ca.sign_device_certificate(csr, cert, key, "dev2", NOW)
+    assert info.value.status == 400 and "signature" in info.value.message
+    with pytest.raises(est.EstError, match="not a PKCS#10"):
+        est.decode_csr(b"AAAA", None)
+    with pytest.raises(est.EstError) as too_big:
+        est.decode_csr(b"A" * (est.MAX_CSR_BYTES + 1), None)
+    assert too_big.value.status == 413
+
+
 def test_est_error_is_a_ca_error() -> None:
     # One ``except CaError`` in the adapter covers EST and CA refusals alike.
     assert issubclass(est.EstError, ca.CaError)
