@@ -24,6 +24,7 @@ _GROUPS = (
     "gateway.cli.config_cmd",
     "gateway.cli.fleet_cmd",
     "gateway.cli.token_cmd",  # tokens rotate-key, tokens keys
+    "gateway.cli.ca_audit_cmd",  # ca create|renew|show, audit list
 )
 
 

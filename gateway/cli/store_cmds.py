@@ -38,7 +38,13 @@ from trust.certs import (
     parse_serial_hex,
     serial_hex,
 )
-from trust.model import DeviceUser, RevocationEntry, Status, TrustedCertificate
+from trust.model import (
+    DeviceUser,
+    ProvisionedCertificate,
+    RevocationEntry,
+    Status,
+    TrustedCertificate,
+)
 from trust.revocation import CSV_TEMPLATE
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -641,6 +647,24 @@ def _register_devices(sub: SubParsers) -> None:
         p = _add(sub, name, help_text, _devices_set(enabled))
         p.add_argument("device_id", metavar="DEVICE_ID", help="device id (certificate CN)")
         _tenant_arg(p)
+    p = _add(
+        sub,
+        "certificates",
+        "list a device's provisioned certificates (the last 5 seen in a handshake or issued)",
+        _devices_certificates,
+    )
+    p.add_argument("device_id", metavar="DEVICE_ID", help="device id (certificate CN)")
+    _tenant_arg(p)
+    p = _add(
+        sub,
+        "revoke-certificate",
+        "revoke one of a device's provisioned certificates (adds its serial to the "
+        "tenant's revocations; irreversible)",
+        _devices_revoke_certificate,
+    )
+    p.add_argument("device_id", metavar="DEVICE_ID", help="device id (certificate CN)")
+    p.add_argument("serial", metavar="SERIAL_HEX", help="serial number in hex")
+    _tenant_arg(p)
 
 
 def _devices_list(args: argparse.Namespace) -> int:
@@ -683,3 +707,52 @@ def _devices_set(enabled: bool) -> Callable[[argparse.Namespace], int]:
         return run_store_command(args, action)
 
     return handler
+
+
+def provisioned_json(cert: ProvisionedCertificate) -> dict[str, Any]:
+    return {
+        "serialNumberInHex": cert.serial_hex,
+        "notBefore": iso(cert.not_before),
+        "notAfter": iso(cert.not_after),
+        "fingerprint": cert.fingerprint,
+        "firstSeen": iso(cert.first_seen),
+        "lastSeen": iso(cert.last_seen),
+    }
+
+
+def _devices_certificates(args: argparse.Namespace) -> int:
+    async def action(ctx: Context) -> int:
+        await ops.require_tenant(ctx.store, args.tenant)
+        certs = await ctx.store.list_provisioned_certificates(args.tenant, args.device_id)
+        if ctx.json:
+            print_json([provisioned_json(c) for c in certs])
+            return 0
+        rows = [
+            [
+                c.serial_hex,
+                short_time(c.not_before),
+                short_time(c.not_after),
+                short_time(c.last_seen),
+            ]
+            for c in certs
+        ]
+        headers = ["SERIAL", "NOT-BEFORE", "NOT-AFTER", "LAST-SEEN"]
+        print_table(headers, rows, f"no provisioned certificates for {args.device_id}")
+        return 0
+
+    return run_store_command(args, action)
+
+
+def _devices_revoke_certificate(args: argparse.Namespace) -> int:
+    async def action(ctx: Context) -> int:
+        cert, new = await ops.revoke_provisioned_certificate(
+            ctx.store, args.tenant, args.device_id, args.serial, ctx.now, ctx.actor
+        )
+        if ctx.json:
+            print_json({**provisioned_json(cert), "newlyRevoked": new})
+        else:
+            state = "revoked" if new else "was already revoked"
+            print(f"certificate {cert.serial_hex} of {args.device_id}: {state}")
+        return 0
+
+    return run_store_command(args, action)

@@ -77,7 +77,14 @@ from gateway.trust_state import peer_chain_der
 from protocols.mqtt import bus, topics
 from protocols.mqtt.backend import Backend
 from protocols.mqtt.session import TOKEN_REQUEST_TOPIC, TOKEN_RESPONSE_TOPIC
-from trust.model import DeviceIdentity, Listener, Reason, Rejection, device_username
+from trust.model import (
+    DeviceIdentity,
+    Listener,
+    Reason,
+    Registration,
+    Rejection,
+    device_username,
+)
 from trust.tokens import MAX_TOKEN_CHARS, TokenClaims, TokenError
 
 __all__ = [
@@ -408,6 +415,8 @@ class DeviceApi:
             )
             # existing, or auto/bulk while this connection registered the device
             body["registration"] = ident.registration.value
+            if user is None and ident.registration in (Registration.AUTO, Registration.BULK):
+                body["registeredVia"] = ident.registration.value  # not in the snapshot yet
         if p.claims is not None:
             certificate["trustedCertificate"] = p.claims.anchor_fingerprint
             body["registration"] = "existing"

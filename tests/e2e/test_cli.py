@@ -299,3 +299,31 @@ def test_help(command: tuple[str, ...]) -> None:
     assert "usage:" in out
     if len(command) == 2 or command == ("init",):
         assert "--data-dir" in out and "--store" in out and "--json" in out
+
+
+def test_ca_create_renew_show_and_audit(data: Path) -> None:
+    d = ("--data-dir", data)
+    created = cli_json("ca", "create", "--tenant", "demo", *d)
+    assert created["tenantCertificateAuthority"] is True
+    assert created["subject"].startswith("CN=demo, O=")
+    again = cli("ca", "create", "--tenant", "demo", *d, ok=None)
+    assert again.returncode == 1 and "already" in again.stderr.lower()
+    # a fresh CA has 36 months left: renewal is refused with a clear message
+    renew = cli("ca", "renew", "--tenant", "demo", *d, ok=None)
+    assert renew.returncode == 1 and "24 months" in renew.stderr
+    shown = cli("ca", "show", "--tenant", "demo", *d).stdout
+    assert shown.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" not in shown
+    records = cli_json("audit", "list", "--tenant", "demo", *d)["auditRecords"]
+    assert records and all("PRIVATE KEY" not in r["text"] for r in records)
+    assert cli_json("audit", "list", "--tenant", "demo", "--type", "NoSuchType", *d)[
+        "auditRecords"
+    ] == []
+
+
+def test_device_certificates_list_and_revoke(data: Path) -> None:
+    d = ("--data-dir", data)
+    listed = cli_json("devices", "certificates", "device-0001", "--tenant", "demo", *d)
+    assert listed == []  # nothing seen in a handshake yet
+    missing = cli("devices", "revoke-certificate", "device-0001", "abc", "--tenant", "demo", *d, ok=None)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

@@ -182,6 +182,7 @@ async def test_direct_mtls_identity_with_curl_registers_the_device(
     assert body["user"] == "device_http-dev-1"
     assert body["authentication"] == "certificate"
     assert body["registration"] == "auto"  # this request registered it
+    assert body["registeredVia"] == "auto"
     assert body["certificate"]["serialNumber"] == f"{dev.cert.serial_number:x}"
     not_after = dev.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%S")
     assert body["certificate"]["notAfter"].startswith(not_after)
