@@ -19,6 +19,7 @@ from gateway.crl_fetcher import STATUS_FILE, CrlFetcher
 from gateway.device_tokens import DeviceTokens
 from gateway.dtls import DtlsListener, DtlsServer, DtlsSettings, DtlsTrust
 from gateway.http.device import DEVICE_SERVICES, DeviceServices
+from gateway.http.lwm2m import LWM2M_SERVICE
 from gateway.http.server import HttpContext, HttpServer, start_http_servers
 from gateway.metrics import GatewayMetrics
 from gateway.secrets import SecretBox
@@ -204,7 +205,7 @@ class Gateway:
             self.registry,
             self.metrics,
             self.config,
-            extra={DEVICE_SERVICES: services},
+            extra={DEVICE_SERVICES: services, LWM2M_SERVICE: self.lwm2m},
         )
 
     # device access tokens (issue 5) ----------------------------------------------

@@ -27,22 +27,18 @@ The upstream proxy (:mod:`gateway.http.proxy`) authenticates with the same
 Certificate decisions are counted in ``mtls_gateway_handshakes_total{listener="https"}``
 (once per accepted connection, once per refused request).
 
-**Refusals** (``{"error": "security/<reason>", ...}``):
+**Refusals** (``{"error": "security/<reason>", ...}``), by status:
 
-=========================================================  ======
-reason                                                     status
-=========================================================  ======
-no certificate and no bearer token (``unauthorized``)      401
-``untrusted``, ``revoked``, ``expired``, ``not_yet_valid``,  401
-``anchor_disabled``, ``malformed``, any other chain rule
-``invalid_token`` (bad signature, expired, unknown key,    401
-another tenant's key, malformed)
-token of a deleted device user (``not_registered``)        401
-``device_disabled`` (certificate or token)                 403
-``not_registered`` (certificate: auto-registration off and 403
-no bulk registration)
-``crl_unavailable``, ``store_unavailable``                 503
-=========================================================  ======
+* 401: no certificate and no bearer token (``unauthorized``); a certificate
+  refused by the chain rules (``untrusted``, ``revoked``, ``expired``,
+  ``not_yet_valid``, ``anchor_disabled``, ``malformed``, ...); a bad token
+  (``invalid_token``: signature, expiry, unknown key, another tenant's key
+  included, malformed), or the token of a deleted device user
+  (``not_registered``); a request on a connection whose session the registry
+  just closed (``session_closed``).
+* 403: ``device_disabled`` (certificate or token); ``not_registered`` for a
+  certificate (auto-registration off and no bulk registration).
+* 503: ``crl_unavailable``, ``store_unavailable`` (with ``Retry-After``).
 
 401 means "these credentials do not authenticate anyone" (with
 ``WWW-Authenticate: Bearer``); 403 means "we know who you are, and that
@@ -179,7 +175,7 @@ class DeviceAuthenticator:
         self.ctx = ctx
         self.admission = services.admission
         self.tokens = services.tokens
-        self._conns: dict[asyncio.BaseTransport, _Conn] = {}
+        self._conns: dict[asyncio.Transport, _Conn] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # lifecycle (app signals) ----------------------------------------------------
@@ -207,11 +203,6 @@ class DeviceAuthenticator:
                 del self._conns[transport]
                 self.ctx.registry.remove(conn.session)
 
-    @property
-    def open_sessions(self) -> int:
-        """Certificate-authenticated connections currently tracked."""
-        return len(self._conns)
-
     # authentication -------------------------------------------------------------
     async def authenticate(self, request: web.Request) -> DevicePrincipal:
         """The device of this request, or :class:`ApiError` 401/403/503."""
@@ -230,7 +221,7 @@ class DeviceAuthenticator:
         )
 
     async def _by_certificate(
-        self, request: web.Request, transport: asyncio.BaseTransport, ssl_object: Any, leaf: bytes
+        self, request: web.Request, transport: asyncio.Transport, ssl_object: Any, leaf: bytes
     ) -> DevicePrincipal:
         trust, now = self.ctx.trust, self.ctx.now()
         if ssl_object.session_reused:
@@ -309,14 +300,14 @@ class DeviceAuthenticator:
         )
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
+def _peer(transport: asyncio.Transport) -> str:
     peername = transport.get_extra_info("peername")
     if isinstance(peername, tuple) and len(peername) >= 2:
         return f"{peername[0]}:{peername[1]}"
     return "unknown"
 
 
-def _closer(transport: asyncio.BaseTransport) -> CloseFn:
+def _closer(transport: asyncio.Transport) -> CloseFn:
     """How the session registry ends a certificate-authenticated connection."""
 
     async def close(code: str, message: str) -> None:
@@ -327,11 +318,9 @@ def _closer(transport: asyncio.BaseTransport) -> CloseFn:
     return close
 
 
-def _abort(transport: asyncio.BaseTransport) -> None:
-    abort: Callable[[], None] | None = getattr(transport, "abort", None)
-    if abort is not None:
-        with contextlib.suppress(Exception):  # already gone is fine
-            abort()
+def _abort(transport: asyncio.Transport) -> None:
+    with contextlib.suppress(Exception):  # already closed cleanly is fine
+        transport.abort()
 
 
 _AUTH = web.AppKey("mtls_gateway_device_auth", DeviceAuthenticator)

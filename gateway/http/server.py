@@ -77,10 +77,15 @@ ROUTE_MODULES: tuple[str, ...] = (
     "gateway.http.ca",
     "gateway.http.est",
     "gateway.http.device",  # /identity, /topics/... (issue 5)
+    "gateway.http.lwm2m",  # /lwm2m/... server-initiated device management (issue 7)
     "gateway.http.proxy",  # [[http.proxy]] prefixes (issue 5)
 )
 """Route modules of the HTTPS listener (each defines ``register_routes(app, ctx)``)."""
-MANAGEMENT_ROUTE_MODULES: tuple[str, ...] = ("gateway.http.mgmt", "gateway.http.ca")
+MANAGEMENT_ROUTE_MODULES: tuple[str, ...] = (
+    "gateway.http.mgmt",
+    "gateway.http.ca",
+    "gateway.http.lwm2m",
+)
 """Route modules of the optional plain management listener (no device routes)."""
 
 MAX_JSON_BYTES = 4 << 20

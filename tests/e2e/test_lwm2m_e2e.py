@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -305,6 +306,63 @@ async def test_server_initiated_read_write_execute(gw: RunningGateway, pki: Pki)
         with pytest.raises(DeviceTimeout):
             await server.read("t1", EP, "/3/0/0", request_timeout=1.0)
         assert loop.time() - started < 3
+    finally:
+        dtls.abort()
+
+
+async def test_management_api_reads_writes_and_lists(gw: RunningGateway, pki: Pki) -> None:
+    """The same operations through the HTTPS management API with curl."""
+    await operations.create_admin_user(gw.store, "t1", "ops", "s3cret-pass", ["ROLE_TENANT_ADMIN"])
+    cert, key, _ = pki.device(EP)
+    dtls = await connect(gw, cert, key)
+    device = Lwm2mClient(dtls, EP, {"/3/0/0": b"Open Mobile Alliance"})
+    base = f"https://localhost:{gw.https_port}/lwm2m"
+    curl = ["curl", "-sS", "--cacert", gw.cafile, "-u", "t1/ops:s3cret-pass"]
+    try:
+        assert (await device.register(lifetime=120, objects="</1/0>,</3/0>")).code == Code.CREATED
+        listed = await run([*curl, f"{base}/endpoints"])
+        doc = json.loads(listed.stdout)
+        assert [e["endpoint"] for e in doc["endpoints"]] == [EP]
+        assert doc["endpoints"][0]["objects"] == ["/1/0", "/3/0"]
+        read = json.loads((await run([*curl, f"{base}/{EP}/3/0/0"])).stdout)
+        assert (read["code"], read["value"]) == ("2.05", "Open Mobile Alliance")
+        body = json.dumps({"value": "600"})
+        wrote = await run(
+            [
+                *curl,
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+                body,
+                f"{base}/{EP}/1/0/1",
+            ]
+        )
+        assert json.loads(wrote.stdout)["code"] == "2.04"
+        assert device.resources["/1/0/1"] == b"600"
+        executed = await run([*curl, "-X", "POST", f"{base}/{EP}/3/0/4"])
+        assert json.loads(executed.stdout)["success"] is True
+        unknown = await run(
+            [*curl, "-o", "/dev/null", "-w", "%{http_code}", f"{base}/nobody/3/0/0"]
+        )
+        assert unknown.stdout == "404"
+        bad = await run([*curl, "-o", "/dev/null", "-w", "%{http_code}", f"{base}/{EP}/x/y"])
+        assert bad.stdout == "422"
+        anonymous = await run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                gw.cafile,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"{base}/endpoints",
+            ]
+        )
+        assert anonymous.stdout == "401"
     finally:
         dtls.abort()
 
