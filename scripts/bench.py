@@ -1054,6 +1054,9 @@ def main() -> int:
     )
     ap.add_argument("--idle-steps", help="comma-separated idle connection counts")
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench", help="result directory")
+    ap.add_argument(
+        "--keep-work", action="store_true", help="keep the work directory (configs, server logs)"
+    )
     args = ap.parse_args()
     profile = QUICK if args.quick else FULL
     if args.rounds:
@@ -1164,11 +1167,19 @@ def main() -> int:
         if t and t["otherProcessesCpuPercent"]["median"] is not None
     ]
     if foreign:
-        bench.notes.append(
-            f"other processes on this machine used {statistics.median(foreign):.0f}% of a CPU"
-            " (median) during the measurement windows; per-CPU-second figures are the less"
-            " sensitive to that"
+        busy = statistics.median(foreign)
+        text = (
+            f"other processes on this machine used {busy:.0f}% of a CPU (median) during the"
+            " measurement windows"
         )
+        if busy > 20:
+            text = (
+                "WARNING: "
+                + text
+                + ": the per-second throughputs and their ratios are unreliable, compare the"
+                " per-server-CPU-second rows (a saturated core delivers exactly that many)"
+            )
+        bench.notes.append(text)
     doc = {
         "started": stamp,
         "profile": profile.__dict__,
@@ -1187,7 +1198,8 @@ def main() -> int:
     for note in bench.notes:
         print(f"note: {note}")
     print(f"total {elapsed:.0f}s; results in {out}")
-    shutil.rmtree(work / "data", ignore_errors=True)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

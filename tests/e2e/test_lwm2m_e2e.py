@@ -48,7 +48,12 @@ from trust.model import Status
 
 pytestmark = pytest.mark.slow
 
-NOW = datetime.now(UTC)
+
+def now() -> datetime:
+    # not a module constant: a long run must not leave it minutes behind fresh certificates
+    return datetime.now(UTC)
+
+
 EP = "lwm2m-0001"
 OTHER = "lwm2m-0002"
 
@@ -72,7 +77,7 @@ async def gw(tmp_path: Path, pki: Pki):  # type: ignore[no-untyped-def]
         tmp_path, pki, tenants=("t1", "t2"), config=lwm2m_config(pki, request_timeout=5.0)
     )
     for device in (EP, OTHER):
-        await operations.register_device(rg.store, "t1", device, "manual", NOW, "test")
+        await operations.register_device(rg.store, "t1", device, "manual", now(), "test")
     await rg.wait_refreshed()
     yield rg
     await stop_gateway(rg)
@@ -183,9 +188,9 @@ async def test_no_certificate_untrusted_ca_and_revoked_are_refused(
     assert rejected(gw, "untrusted") == 1
 
     cert, key, dev = pki.device(EP)
-    await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
+    await operations.set_revocation_settings(gw.store, "t1", now(), "test", offline=True)
     await operations.add_revocations(
-        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], now(), "test"
     )
     await gw.wait_refreshed()
     r = await coap(gw, cert, key, "post", REGISTER, "</1/0>")
@@ -243,7 +248,7 @@ async def test_an_uploaded_intermediate_is_found_for_a_leaf_only_client(
 ) -> None:
     rg = await start_gateway(tmp_path, pki, config=load_config(env={}))  # no intermediates
     try:
-        await operations.register_device(rg.store, "t1", EP, "manual", NOW, "test")
+        await operations.register_device(rg.store, "t1", EP, "manual", now(), "test")
         await rg.wait_refreshed()
         cert, key, _ = pki.device(EP)
         r = await coap(rg, cert, key, "post", REGISTER, "</1/0>")
@@ -251,7 +256,7 @@ async def test_an_uploaded_intermediate_is_found_for_a_leaf_only_client(
         assert rejected(rg, "untrusted") == 1
         pem = pki.inter.cert_pem().decode()
         await operations.add_trusted_certificate(
-            rg.store, "t1", pem, "intermediate", Status.ENABLED, False, NOW, "test"
+            rg.store, "t1", pem, "intermediate", Status.ENABLED, False, now(), "test"
         )
         await rg.wait_refreshed()  # the DTLS verify store is rebuilt on the change
         r = await coap(rg, cert, key, "post", REGISTER, "</1/0>")
@@ -590,11 +595,11 @@ async def test_revocation_closes_a_live_session_within_a_second(
     dtls = await connect(gw, cert, key)
     device = Lwm2mClient(dtls, EP)
     assert (await device.register(lifetime=600)).code == Code.CREATED
-    await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
+    await operations.set_revocation_settings(gw.store, "t1", now(), "test", offline=True)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await operations.add_revocations(
-        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], now(), "test"
     )
     reason = await asyncio.wait_for(asyncio.shield(dtls.closed), 1.0)
     assert reason == "close_notify"
@@ -608,7 +613,7 @@ async def test_disabling_the_device_user_closes_its_session(gw: RunningGateway, 
     cert, key, _ = pki.device(EP)
     dtls = await connect(gw, cert, key)
     assert (await Lwm2mClient(dtls, EP).register()).code == Code.CREATED
-    await operations.set_device_enabled(gw.store, "t1", EP, False, NOW, "test")
+    await operations.set_device_enabled(gw.store, "t1", EP, False, now(), "test")
     assert await asyncio.wait_for(asyncio.shield(dtls.closed), 1.0) == "close_notify"
     with pytest.raises(DtlsHandshakeError):
         await connect(gw, cert, key, handshake_timeout=5)
@@ -649,7 +654,7 @@ async def test_malformed_datagrams_are_dropped_and_counted(gw: RunningGateway, p
 
 async def test_mtu_bounds_every_datagram(tmp_path: Path, pki: Pki) -> None:
     rg = await start_gateway(tmp_path, pki, config=lwm2m_config(pki, mtu=400))
-    await operations.register_device(rg.store, "t1", EP, "manual", NOW, "test")
+    await operations.register_device(rg.store, "t1", EP, "manual", now(), "test")
     await rg.wait_refreshed()
     sizes: list[int] = []
 

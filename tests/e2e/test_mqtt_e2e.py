@@ -31,7 +31,10 @@ from trust.model import PendingRegistration, Status
 
 pytestmark = pytest.mark.slow
 
-NOW = datetime.now(UTC)
+
+def now() -> datetime:
+    # not a module constant: a long run must not leave it minutes behind fresh certificates
+    return datetime.now(UTC)
 
 
 @pytest.fixture
@@ -114,7 +117,7 @@ async def test_untrusted_ca_is_refused(gw: RunningGateway, pki: Pki, tmp_path: P
 
 async def test_expired_device_certificate_is_refused(gw: RunningGateway, pki: Pki) -> None:
     cert, key, _ = pki.device(
-        "old", not_before=NOW - timedelta(days=30), not_after=NOW - timedelta(days=1)
+        "old", not_before=now() - timedelta(days=30), not_after=now() - timedelta(days=1)
     )
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "old", "x", "1")
     assert refused(r)
@@ -123,9 +126,9 @@ async def test_expired_device_certificate_is_refused(gw: RunningGateway, pki: Pk
 
 async def test_revoked_device_and_revoked_intermediate(gw: RunningGateway, pki: Pki) -> None:
     cert, key, dev = pki.device("rev-dev")
-    await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
+    await operations.set_revocation_settings(gw.store, "t1", now(), "test", offline=True)
     await operations.add_revocations(
-        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+        gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], now(), "test"
     )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "rev-dev", "x", "1")
@@ -135,7 +138,7 @@ async def test_revoked_device_and_revoked_intermediate(gw: RunningGateway, pki: 
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert2, key2, "fine-dev", "x", "1")
     assert r.returncode == 0, r.stderr
     await operations.add_revocations(
-        gw.store, "t1", [(f"{pki.inter.cert.serial_number:x}", None)], NOW, "test"
+        gw.store, "t1", [(f"{pki.inter.cert.serial_number:x}", None)], now(), "test"
     )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert2, key2, "fine-dev", "x", "1")
@@ -146,13 +149,13 @@ async def test_disabled_anchor_refuses(gw: RunningGateway, pki: Pki) -> None:
     cert, key, _ = pki.device("dev-dis")
     fp = (await gw.store.list_trusted_certificates("t1"))[0].fingerprint
     await operations.update_trusted_certificate(
-        gw.store, "t1", fp, NOW, "test", status=Status.DISABLED
+        gw.store, "t1", fp, now(), "test", status=Status.DISABLED
     )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "dev-dis", "x", "1")
     assert refused(r)
     await operations.update_trusted_certificate(
-        gw.store, "t1", fp, NOW, "test", status=Status.ENABLED
+        gw.store, "t1", fp, now(), "test", status=Status.ENABLED
     )
     await gw.wait_refreshed()
     r = await mqtt_pub(gw.mqtt_port, gw.cafile, cert, key, "dev-dis", "x", "1")
@@ -168,7 +171,9 @@ async def test_auto_registration_off_requires_bulk_registration(tmp_path: Path, 
         assert not await device_exists(rg, "t1", "unreg")
 
         cert2, key2, _ = pki.device("bulk-dev")
-        await rg.store.add_pending_registration(PendingRegistration("t1", "bulk-dev", created=NOW))
+        await rg.store.add_pending_registration(
+            PendingRegistration("t1", "bulk-dev", created=now())
+        )
         await rg.wait_refreshed()
         r = await mqtt_pub(rg.mqtt_port, rg.cafile, cert2, key2, "bulk-dev", "x", "1")
         assert r.returncode == 0, r.stderr
@@ -202,7 +207,7 @@ async def test_cross_tenant_isolation(tmp_path: Path, pki: Pki) -> None:
             "t2 root",
             Status.ENABLED,
             True,
-            NOW,
+            now(),
             "test",
         )
         await rg.wait_refreshed()
@@ -255,11 +260,11 @@ async def _live_session_closed_by(gw: RunningGateway, pki: Pki, cn: str, action)
 
 
 async def test_live_session_closed_after_revocation(gw: RunningGateway, pki: Pki) -> None:
-    await operations.set_revocation_settings(gw.store, "t1", NOW, "test", offline=True)
+    await operations.set_revocation_settings(gw.store, "t1", now(), "test", offline=True)
 
     async def revoke(dev) -> None:  # type: ignore[no-untyped-def]
         await operations.add_revocations(
-            gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], NOW, "test"
+            gw.store, "t1", [(f"{dev.cert.serial_number:x}", None)], now(), "test"
         )
 
     elapsed = await _live_session_closed_by(gw, pki, "live-rev", revoke)
@@ -268,7 +273,7 @@ async def test_live_session_closed_after_revocation(gw: RunningGateway, pki: Pki
 
 async def test_live_session_closed_after_device_disabled(gw: RunningGateway, pki: Pki) -> None:
     async def disable(dev) -> None:  # type: ignore[no-untyped-def]
-        await operations.set_device_enabled(gw.store, "t1", "live-dis", False, NOW, "test")
+        await operations.set_device_enabled(gw.store, "t1", "live-dis", False, now(), "test")
 
     elapsed = await _live_session_closed_by(gw, pki, "live-dis", disable)
     assert elapsed < 1.0

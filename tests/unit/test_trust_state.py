@@ -15,7 +15,10 @@ from gateway.trust_state import TrustState
 from trust.model import DeviceIdentity, Listener, Reason, Registration, Rejection, Status
 from trust.policy import DecisionPolicy
 
-NOW = datetime.now(UTC)
+
+def now() -> datetime:
+    # not a module constant: a long run must not leave it minutes behind fresh certificates
+    return datetime.now(UTC)
 
 
 async def _state(tmp_path: Path) -> tuple[TrustState, SqliteStore, list[bytes], list[bytes]]:
@@ -27,7 +30,7 @@ async def _state(tmp_path: Path) -> tuple[TrustState, SqliteStore, list[bytes], 
     (tmp_path / "s.pem").write_bytes(srv.cert_pem())
     write_private(tmp_path / "s.key", srv.key_pem())
     await operations.add_trusted_certificate(
-        store, "t1", root.cert_pem().decode(), "root", Status.ENABLED, True, NOW, "test"
+        store, "t1", root.cert_pem().decode(), "root", Status.ENABLED, True, now(), "test"
     )
     a = make_device("dev-a", root)
     b = make_device("dev-b", root)
@@ -46,11 +49,11 @@ async def test_decisions_follow_store_changes(tmp_path: Path) -> None:
         d = ts.decide_der(chain_a, Listener.MQTT_CORE)
         assert isinstance(d, DeviceIdentity) and d.registration is Registration.AUTO
         assert ts.decide_der(chain_a, Listener.MQTT_CORE) is d  # cached
-        await store.register_device("t1", "dev-a", "auto", NOW)
+        await store.register_device("t1", "dev-a", "auto", now())
         await ts.refresh()  # (the poll loop may have applied it already)
         d2 = ts.decide_der(chain_a, Listener.MQTT_CORE)
         assert isinstance(d2, DeviceIdentity) and d2.registration is Registration.EXISTING
-        await operations.set_device_enabled(store, "t1", "dev-a", False, NOW, "test")
+        await operations.set_device_enabled(store, "t1", "dev-a", False, now(), "test")
         await ts.refresh()
         r = ts.decide_der(chain_a, Listener.MQTT_CORE)
         assert isinstance(r, Rejection) and r.reason is Reason.DEVICE_DISABLED
@@ -58,7 +61,7 @@ async def test_decisions_follow_store_changes(tmp_path: Path) -> None:
         assert isinstance(ts.decide_der(chain_b, Listener.MQTT_CORE), DeviceIdentity)
         fp = (await store.list_trusted_certificates("t1"))[0].fingerprint
         await operations.update_trusted_certificate(
-            store, "t1", fp, NOW, "test", status=Status.DISABLED
+            store, "t1", fp, now(), "test", status=Status.DISABLED
         )
         await ts.refresh()
         r = ts.decide_der(chain_b, Listener.MQTT_CORE)
