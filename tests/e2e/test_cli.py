@@ -316,14 +316,17 @@ def test_ca_create_renew_show_and_audit(data: Path) -> None:
     assert "PRIVATE KEY" not in shown
     records = cli_json("audit", "list", "--tenant", "demo", *d)["auditRecords"]
     assert records and all("PRIVATE KEY" not in r["text"] for r in records)
-    assert cli_json("audit", "list", "--tenant", "demo", "--type", "NoSuchType", *d)[
-        "auditRecords"
-    ] == []
+    assert (
+        cli_json("audit", "list", "--tenant", "demo", "--type", "NoSuchType", *d)["auditRecords"]
+        == []
+    )
 
 
 def test_device_certificates_list_and_revoke(data: Path) -> None:
     d = ("--data-dir", data)
     listed = cli_json("devices", "certificates", "device-0001", "--tenant", "demo", *d)
     assert listed == []  # nothing seen in a handshake yet
-    missing = cli("devices", "revoke-certificate", "device-0001", "abc", "--tenant", "demo", *d, ok=None)
+    missing = cli(
+        "devices", "revoke-certificate", "device-0001", "abc", "--tenant", "demo", *d, ok=None
+    )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr

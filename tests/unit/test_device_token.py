@@ -218,7 +218,14 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     for tenant in ("t1", "t2"):
         await store.create_tenant(tenant)
     await operations.add_trusted_certificate(
-        store, "t1", pki.root.cert_pem().decode(), "root", Status.ENABLED, True, datetime.now(UTC), "test"
+        store,
+        "t1",
+        pki.root.cert_pem().decode(),
+        "root",
+        Status.ENABLED,
+        True,
+        datetime.now(UTC),
+        "test",
     )
     trust = TrustState(
         store,
@@ -286,7 +293,14 @@ async def test_a_token_signed_with_another_tenants_key_is_refused(env: Env) -> N
     # t2 trusts another PKI, has a device of the same name and keys of its own
     other = Pki.create(env.data_dir / "t2pki", name="Tenant2")
     await operations.add_trusted_certificate(
-        env.store, "t2", other.root.cert_pem().decode(), "r", Status.ENABLED, True, datetime.now(UTC), "t"
+        env.store,
+        "t2",
+        other.root.cert_pem().decode(),
+        "r",
+        Status.ENABLED,
+        True,
+        datetime.now(UTC),
+        "t",
     )
     t2_ident = await env.identity("dev1", pki=other, tenant="t2")
     t2_claims = await tokens.verify(await tokens.issue(t2_ident))
