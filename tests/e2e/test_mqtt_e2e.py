@@ -446,3 +446,68 @@ async def test_connection_flood_is_refused_cleanly(tmp_path: Path, pki: Pki) -> 
             await sub.stop()
     finally:
         await stop_gateway(rg)
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+async def test_paho_client_over_8883(tmp_path: Path, pki: Pki, version: str) -> None:
+    """A second real client library (paho-mqtt), MQTT 3.1.1 and 5.0 (upstream broker)."""
+    import ssl
+
+    import paho.mqtt.client as paho
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    rg = await start_gateway(tmp_path, pki, mqtt_backend="upstream", upstream_port=broker.port)
+    try:
+        cert, key, _ = pki.device("paho-dev")
+        protocol = paho.MQTTv5 if version == "5" else paho.MQTTv311
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        connected: asyncio.Future[object] = loop.create_future()
+
+        def on_connect(client, userdata, flags, reason, properties=None):  # type: ignore[no-untyped-def]
+            loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(reason))
+
+        def on_message(client, userdata, msg):  # type: ignore[no-untyped-def]
+            loop.call_soon_threadsafe(got.put_nowait, (msg.topic, msg.payload))
+
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="paho-dev", protocol=protocol
+        )
+        client.tls_set(ca_certs=rg.cafile, certfile=str(cert), keyfile=str(key))
+        client.tls_insecure_set(False)
+        client.on_connect = on_connect
+        client.on_message = on_message
+        # paho handshakes synchronously: off the loop that serves the gateway
+        await asyncio.to_thread(client.connect, "localhost", rg.mqtt_port, 30)
+        client.loop_start()
+        try:
+            reason = await asyncio.wait_for(connected, 10)
+            assert str(reason) == "Success"
+            client.subscribe("paho/#", qos=1)
+            await asyncio.sleep(0.3)
+            client.publish("paho/t", b"hello", qos=1).wait_for_publish(5)
+            assert await asyncio.wait_for(got.get(), 10) == ("paho/t", b"hello")
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        # the same certificate with another ClientId is refused
+        bad = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="other", protocol=protocol)
+        bad.tls_set(
+            ca_certs=rg.cafile, certfile=str(cert), keyfile=str(key), cert_reqs=ssl.CERT_REQUIRED
+        )
+        refused: asyncio.Future[object] = loop.create_future()
+        bad.on_connect = lambda c, u, f, reason, p=None: loop.call_soon_threadsafe(
+            lambda: refused.done() or refused.set_result(reason)
+        )
+        await asyncio.to_thread(bad.connect, "localhost", rg.mqtt_port, 30)
+        bad.loop_start()
+        try:
+            reason = await asyncio.wait_for(refused, 10)
+            assert "not authori" in str(reason).lower()
+        finally:
+            bad.loop_stop()
+            bad.disconnect()
+    finally:
+        await stop_gateway(rg)
+        broker.stop()
