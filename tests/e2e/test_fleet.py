@@ -4,19 +4,16 @@ provisioned certificates, rejected handshakes)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
-import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.store.sqlite import SqliteStore
+from tests.daemon import EPHEMERAL_LISTENERS, Daemon
 from tests.helpers import run
 
 pytestmark = pytest.mark.slow
@@ -27,22 +24,9 @@ BAD = 5  # --bad-ratio 0.1
 
 # The shipped event loop (uvloop when installed): paced arrivals once exposed a
 # ClientHello race in the acceptor, so this test keeps that path covered.
-CONFIG = """
-[listeners.mqtt]
-host = "127.0.0.1"
-port = 0
-[listeners.mqtt_service]
-host = "127.0.0.1"
-port = 0
-[listeners.https]
-host = "127.0.0.1"
-port = 0
-[listeners.lwm2m]
-host = "127.0.0.1"
-port = 0
-[listeners.admin]
-host = "127.0.0.1"
-port = 0
+CONFIG = (
+    EPHEMERAL_LISTENERS
+    + """
 [tls]
 server_cert = "{fleet}/server.pem"
 server_key = "{fleet}/server.key"
@@ -50,47 +34,11 @@ server_key = "{fleet}/server.key"
 handshake_rate = 100000.0
 handshake_burst = 100000
 """
+)
 
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
-
-
-@dataclass
-class Daemon:
-    proc: asyncio.subprocess.Process
-    ports: dict[str, int] = field(default_factory=dict)
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    def count(self, pattern: str) -> int:
-        rx = re.compile(pattern)
-        return sum(1 for line in self.lines if rx.search(line))
-
-    async def wait_count(self, pattern: str, expected: int, timeout: float = 10.0) -> int:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while self.count(pattern) < expected and loop.time() < end:
-            await asyncio.sleep(0.05)
-        return self.count(pattern)
-
-
-async def _drain(daemon: Daemon, ready: asyncio.Future[None]) -> None:
-    assert daemon.proc.stdout is not None
-    while True:
-        raw = await daemon.proc.stdout.readline()
-        if not raw:
-            if not ready.done():
-                ready.set_exception(AssertionError("daemon exited:\n" + "".join(daemon.lines)))
-            return
-        line = raw.decode(errors="replace")
-        daemon.lines.append(line)
-        m = re.search(r"mtls-gateway ready \((.*?)\)", line)
-        if m and not ready.done():
-            for part in m.group(1).split(", "):
-                name, port = part.split("=")
-                daemon.ports[name] = int(port)
-            ready.set_result(None)
 
 
 @pytest.fixture
@@ -129,28 +77,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Path, Path, Daemon]]:
     )
     assert reg.returncode == 0, reg.stderr
     assert json.loads(reg.stdout)["caUploaded"] is True
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(CONFIG.format(fleet=fleet_dir))
-    proc = await asyncio.create_subprocess_exec(
-        *cli("run", "--config", str(cfg), "--data-dir", str(data), "--no-demo"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    daemon = Daemon(proc)
-    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    daemon.reader = asyncio.create_task(_drain(daemon, ready))
+    daemon = Daemon(tmp_path, CONFIG.format(fleet=fleet_dir), data=data, args=["--no-demo"])
     try:
-        await asyncio.wait_for(ready, 30)
+        await daemon.start()
         yield fleet_dir, data, daemon
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        await asyncio.wait_for(daemon.reader, 5)
+        await daemon.stop()
+        await daemon.close()
 
 
 async def fleet_run(fleet_dir: Path, protocol: str, port: int, pid: int) -> dict[str, Any]:
@@ -205,6 +138,7 @@ async def test_fleet_counts_match_the_gateway(fleet: tuple[Path, Path, Daemon]) 
     good = {d["id"]: d for d in manifest["devices"] if not d["bad"]}
     bad = {d["id"] for d in manifest["devices"] if d["bad"]}
     assert len(good) == DEVICES - BAD and len(bad) == BAD
+    assert daemon.proc is not None
     pid = daemon.proc.pid
 
     # core listener: first-connect registration of exactly the good devices

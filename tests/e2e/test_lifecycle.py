@@ -12,7 +12,6 @@ fails when the store goes away; the logs hold no key material or password.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import re
@@ -29,12 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.pki import Issued, load_private_key, make_server, write_private
+from tests.daemon import EPHEMERAL_LISTENERS, Daemon
 from tests.helpers import (
     Mosquitto,
     Pki,
-    ProcResult,
     Subscriber,
-    env_without_proxy,
     mqtt_pub,
     run,
     wait_until,
@@ -44,157 +42,7 @@ pytestmark = pytest.mark.slow
 
 UPSTREAM_SECRET = "upstream-Secret-0f9c2e"  # a canary the logs must not contain
 
-BASE_CONFIG = """
-[listeners.mqtt]
-host = "127.0.0.1"
-port = 0
-[listeners.mqtt_service]
-host = "127.0.0.1"
-port = 0
-[listeners.https]
-host = "127.0.0.1"
-port = 0
-[listeners.lwm2m]
-host = "127.0.0.1"
-port = 0
-[listeners.admin]
-host = "127.0.0.1"
-port = 0
-"""
-
-
-class Daemon:
-    """``python -m gateway run`` with its combined output collected line by line."""
-
-    def __init__(self, tmp: Path, config: str, *, name: str = "gateway.toml") -> None:
-        self.tmp = tmp
-        self.data = tmp / "data"
-        self.config_path = tmp / name
-        self.config_path.write_text(config)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[str] = []
-        self.ports: dict[str, int] = {}
-        self._new_line = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def demo(self) -> Path:
-        return self.data / "demo"
-
-    @property
-    def cafile(self) -> str:
-        return str(self.demo / "server-ca.pem")
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['admin']}"
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    async def start(self, timeout: float = 30) -> None:
-        env = env_without_proxy()
-        env["MTLS_GATEWAY_MQTT_UPSTREAM_PASSWORD"] = UPSTREAM_SECRET
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--config",
-            str(self.config_path),
-            "--data-dir",
-            str(self.data),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-        )
-        self._reader = asyncio.create_task(self._read())
-        line = await self.wait_for_log(r"mtls-gateway ready \(", timeout)
-        m = re.search(r"ready \((.*?)\)", line)
-        assert m is not None
-        for part in m.group(1).split(", "):
-            name, port = part.split("=")
-            self.ports[name] = int(port)
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.lines.append(line.decode(errors="replace"))
-            self._new_line.set()
-        self._new_line.set()
-
-    async def wait_for_log(self, pattern: str, timeout: float = 10, start: int = 0) -> str:
-        """The first log line from index ``start`` matching ``pattern`` (bounded wait)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        seen = start
-        while True:
-            for line in self.lines[seen:]:
-                if re.search(pattern, line):
-                    return line
-            seen = len(self.lines)
-            exited = self._reader is not None and self._reader.done()
-            remaining = deadline - loop.time()
-            if exited or remaining <= 0:
-                raise AssertionError(f"no log line matching {pattern!r}:\n{self.log}")
-            self._new_line.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new_line.wait(), remaining)
-
-    def send(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, 5)
-        return code
-
-    async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def cli(self, *args: str, timeout: float = 30) -> ProcResult:
-        return await run([sys.executable, "-m", "gateway", *args], timeout=timeout)
-
-    async def http(self, path: str) -> tuple[int, str]:
-        """GET on the admin listener with curl: (status, body)."""
-        r = await run(
-            [
-                "curl",
-                "-sS",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "10",
-                "-w",
-                "\n%{http_code}",
-                self.admin_url + path,
-            ]
-        )
-        assert r.returncode == 0, r.stderr
-        body, _, code = r.stdout.rpartition("\n")
-        return int(code), body
-
-    async def status(self) -> dict[str, object]:
-        code, body = await self.http("/status")
-        assert code == 200, body
-        result: dict[str, object] = json.loads(body)
-        return result
-
-    async def live_sessions(self) -> int:
-        sessions = (await self.status())["sessions"]
-        assert isinstance(sessions, dict)
-        return int(sessions["total"])
-
-    def device(self, n: int) -> tuple[Path, Path]:
-        return self.demo / f"device-000{n}.pem", self.demo / f"device-000{n}.key"
+BASE_CONFIG = EPHEMERAL_LISTENERS
 
 
 @pytest.fixture
@@ -211,7 +59,11 @@ LOOP = ""
 
 async def _start(daemons: list[Daemon], tmp: Path, extra: str = "", top: str = "") -> Daemon:
     """A daemon on ``top`` (top-level keys) + the ephemeral listeners + ``extra`` tables."""
-    daemon = Daemon(tmp, LOOP + top + BASE_CONFIG + extra)
+    daemon = Daemon(
+        tmp,
+        LOOP + top + BASE_CONFIG + extra,
+        env={"MTLS_GATEWAY_MQTT_UPSTREAM_PASSWORD": UPSTREAM_SECRET},
+    )
     daemons.append(daemon)
     await daemon.start()
     return daemon

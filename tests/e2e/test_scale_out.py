@@ -5,49 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.daemon import EPHEMERAL_LISTENERS, Daemon
 from tests.helpers import Mosquitto, Pki, Subscriber, mqtt_pub, run
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
 
-class Daemon:
-    """``mtls-gateway run`` as a subprocess; ports parsed from its ready line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.ports: dict[str, int] = {}
-        self.log: list[str] = []
-        self._drain: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def start(cls, tmp: Path, name: str, store: str, upstream: int, pki: Pki) -> Daemon:
-        cfg = tmp / f"{name}.toml"
-        cfg.write_text(
-            f"""
-store = "{store}"
-[listeners.mqtt]
-host = "127.0.0.1"
-port = 0
-[listeners.mqtt_service]
-host = "127.0.0.1"
-port = 0
-[listeners.https]
-host = "127.0.0.1"
-port = 0
-[listeners.lwm2m]
-host = "127.0.0.1"
-port = 0
-[listeners.admin]
-host = "127.0.0.1"
-port = 0
+def instance(tmp: Path, name: str, store: str, upstream: int, pki: Pki) -> Daemon:
+    """One gateway instance of the shared deployment (its own data dir and ports)."""
+    config = (
+        f'store = "{store}"\n'
+        + EPHEMERAL_LISTENERS
+        + f"""
 [tls]
 server_cert = "{pki.dir / "server.pem"}"
 server_key = "{pki.dir / "server.key"}"
@@ -57,52 +32,8 @@ upstream_port = {upstream}
 [trust]
 store_outage_grace = 60.0
 """
-        )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--no-demo",
-            "--config",
-            str(cfg),
-            "--data-dir",
-            str(tmp / name),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        daemon = cls(proc)
-        await asyncio.wait_for(daemon._ready(), 30)
-        daemon._drain = asyncio.create_task(daemon._drain_output())
-        return daemon
-
-    async def _ready(self) -> None:
-        assert self.proc.stdout is not None
-        while True:
-            line = (await self.proc.stdout.readline()).decode()
-            if not line:
-                raise AssertionError("daemon exited:\n" + "".join(self.log))
-            self.log.append(line)
-            m = re.search(r"ready \((.*?)\)", line)
-            if m:
-                for part in m.group(1).split(", "):
-                    key, value = part.split("=")
-                    if value.isdigit():
-                        self.ports[key] = int(value)
-                return
-
-    async def _drain_output(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.log.append(line.decode())
-
-    async def stop(self) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 20)
-        if self._drain is not None:
-            await asyncio.wait_for(self._drain, 5)
-        return code
+    )
+    return Daemon(tmp, config, name=f"{name}.toml", data=tmp / name, args=["--no-demo"])
 
 
 async def cli(*args: str) -> str:
@@ -123,8 +54,10 @@ async def test_two_instances_share_trust_and_messages(tmp_path: Path) -> None:
         await cli("tenants", "create", "t1", "--store", store)
         await cli("anchors", "add", str(pki.dir / "root.pem"), "--tenant", "t1", "--store", store)
         await cli("crl", "settings", "--tenant", "t1", "--offline", "on", "--store", store)
-        a = await Daemon.start(tmp_path, "a", store, broker.port, pki)
-        b = await Daemon.start(tmp_path, "b", store, broker.port, pki)
+        a = instance(tmp_path, "a", store, broker.port, pki)
+        await a.start()
+        b = instance(tmp_path, "b", store, broker.port, pki)
+        await b.start()
         ca = str(pki.dir / "server-ca.pem")
         sub_cert, sub_key, sub_dev = pki.device("on-b")
         pub_cert, pub_key, _ = pki.device("on-a")
@@ -225,6 +158,7 @@ async def test_two_instances_share_trust_and_messages(tmp_path: Path) -> None:
         for d in (a, b):
             if d is not None:
                 codes.append(await d.stop())
+                await d.close()
         broker.stop()
         redis.kill()
     assert codes == [0, 0]
