@@ -28,13 +28,11 @@ from typing import Any, TypeAlias
 
 from gateway import operations as ops
 from gateway.config import Config, ConfigError, load_config
+from gateway.http.jsonmodel import trusted_certificate_fields
 from gateway.store import open_store
 from gateway.store.base import Store, StoreError
 from trust.anchors import UploadError
 from trust.certs import (
-    CertificateError,
-    describe,
-    load_certificate,
     parse_serial_hex,
     serial_hex,
 )
@@ -270,33 +268,12 @@ def _tenants_create(args: argparse.Namespace) -> int:
 
 
 def anchor_json(record: TrustedCertificate, *, pem: bool = False) -> dict[str, Any]:
-    """A trusted certificate with the platform's field names."""
-    out: dict[str, Any] = {
-        "tenant": record.tenant,
-        "fingerprint": record.fingerprint,
-        "name": record.name,
-        "status": record.status.value,
-        "autoRegistrationEnabled": record.auto_registration,
-        "proofOfPossessionValid": record.proof_of_possession_valid,
-        "tenantCertificateAuthority": record.tenant_ca,
-        "created": iso(record.created),
-    }
-    try:
-        info = describe(load_certificate(record.pem))
-    except CertificateError:
-        return out
-    out.update(
-        subject=info.subject,
-        issuer=info.issuer,
-        serialNumber=info.serial_number,
-        notBefore=iso(info.not_before),
-        notAfter=iso(info.not_after),
-        algorithmName=info.algorithm_name,
-        version=info.version,
-    )
-    if pem:
-        out["certInPemFormat"] = record.pem
-        out["proofOfPossessionCodeValidUntil"] = iso(record.pop_code_until)
+    """A trusted certificate with the platform's field names (as the API shows it)."""
+    out: dict[str, Any] = {"tenant": record.tenant, **trusted_certificate_fields(record)}
+    if not pem:
+        del out["certInPemFormat"]
+    elif record.pop_code_until is not None:
+        out["proofOfPossessionVerificationCodeUsableUntil"] = iso(record.pop_code_until)
     return out
 
 

@@ -127,11 +127,8 @@ def trusted_certificate_input(body: Mapping[str, Any], *, create: bool) -> Trust
 # objects --------------------------------------------------------------------------
 
 
-def trusted_certificate_json(
-    record: TrustedCertificate, base: URL, now: datetime
-) -> dict[str, Any]:
-    """A trusted certificate as the platform shows it. The proof-of-possession
-    code appears while it is pending and still usable."""
+def trusted_certificate_fields(record: TrustedCertificate) -> dict[str, Any]:
+    """The platform's trusted-certificate fields (shared by the API and the CLI)."""
     out: dict[str, Any] = {
         "name": record.name,
         "status": record.status.value,
@@ -145,17 +142,25 @@ def trusted_certificate_json(
     try:
         info = describe(load_certificate(record.pem))
     except CertificateError:
-        pass
-    else:
-        out.update(
-            subject=info.subject,
-            issuer=info.issuer,
-            serialNumber=info.serial_number,
-            notBefore=iso(info.not_before),
-            notAfter=iso(info.not_after),
-            algorithmName=info.algorithm_name,
-            version=info.version,
-        )
+        return out
+    out.update(
+        subject=info.subject,
+        issuer=info.issuer,
+        serialNumber=info.serial_number,
+        notBefore=iso(info.not_before),
+        notAfter=iso(info.not_after),
+        algorithmName=info.algorithm_name,
+        version=info.version,
+    )
+    return out
+
+
+def trusted_certificate_json(
+    record: TrustedCertificate, base: URL, now: datetime
+) -> dict[str, Any]:
+    """A trusted certificate as the platform shows it. The proof-of-possession
+    code appears while it is pending and still usable."""
+    out = trusted_certificate_fields(record)
     if record.pop_code and record.pop_code_until and record.pop_code_until > now:
         out["proofOfPossessionUnsignedVerificationCode"] = record.pop_code
         out["proofOfPossessionVerificationCodeUsableUntil"] = iso(record.pop_code_until)
