@@ -27,14 +27,17 @@ log = logging.getLogger("mtls_gateway.tls")
 
 @dataclass(slots=True)
 class TlsConnection:
-    """An established TLS connection with its trust decision."""
+    """An established TLS connection with its trust decision.
+
+    The peer's chain is not kept: it is only needed for the decision, and a
+    DER chain per idle connection is memory for nothing.
+    """
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     peer: str
     listener: Listener
     decision: Decision
-    chain_der: list[bytes] | None
 
 
 Handler = Callable[[TlsConnection], Awaitable[None]]
@@ -262,6 +265,13 @@ class TlsListener:
         self._refusals_logged_at = now
         self._refusals_unlogged = 0
 
+    def _decide(self, ssl_object: ssl.SSLObject | None) -> Decision:
+        """The trust decision; the chain is dropped once it is made."""
+        chain = peer_chain_der(ssl_object) if ssl_object is not None else None
+        if ssl_object is not None and ssl_object.session_reused:
+            return self.trust.decide_resumed(chain[0] if chain else None, self.listener)
+        return self.trust.decide_der(chain, self.listener)
+
     async def _serve(self, conn: socket.socket, peer: str) -> None:
         lname = self.listener.value
         try:
@@ -281,6 +291,11 @@ class TlsListener:
                 )
             except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 reason = _verify_failure_reason(exc)
+                if isinstance(exc, ConnectionAbortedError) and (
+                    time.perf_counter() - started >= self.handshake_timeout * 0.9
+                ):
+                    # asyncio reports its own handshake timeout as an abort
+                    reason = "timeout"
                 self.metrics.handshakes.inc(lname, "rejected", reason)
                 log.info(
                     "handshake failed listener=%s peer=%s reason=%s (%s)",
@@ -292,18 +307,13 @@ class TlsListener:
                 conn.close()
                 return
             writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
-            ssl_object = writer.get_extra_info("ssl_object")
-            chain = peer_chain_der(ssl_object) if ssl_object is not None else None
-            if ssl_object is not None and ssl_object.session_reused:
-                decision = self.trust.decide_resumed(chain[0] if chain else None, self.listener)
-            else:
-                decision = self.trust.decide_der(chain, self.listener)
+            decision = self._decide(writer.get_extra_info("ssl_object"))
             self.metrics.handshake_seconds.observe(time.perf_counter() - started, lname)
             if isinstance(decision, DeviceIdentity):
                 self.metrics.handshakes.inc(lname, "accepted", "ok")
             else:
                 self.metrics.handshakes.inc(lname, "rejected", decision.reason.value)
-            session = TlsConnection(reader, writer, peer, self.listener, decision, chain)
+            session = TlsConnection(reader, writer, peer, self.listener, decision)
             try:
                 await self.handler(session)
             except asyncio.CancelledError:
