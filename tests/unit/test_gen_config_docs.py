@@ -38,3 +38,14 @@ def test_every_setting_is_described(tmp_path: Path) -> None:
     for row in table_rows:
         description = row.rstrip(" |").rsplit("|", 1)[1].strip()
         assert description, f"undocumented setting: {row}"
+
+
+def test_committed_api_reference_is_up_to_date() -> None:
+    """docs/api.md is rendered from gateway/openapi.yaml (`make docs`)."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_api_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
