@@ -41,6 +41,7 @@ __all__ = [
     "Publish",
     "Pubrec",
     "Pubrel",
+    "RawPublish",
     "ReasonCode",
     "Suback",
     "Subscribe",
@@ -735,6 +736,7 @@ class MqttDecoder:
         "_max_packet_size",
         "_pending",
         "_pending_total",
+        "_raw",
         "_server",
         "_version",
     )
@@ -756,6 +758,7 @@ class MqttDecoder:
         self._pending = bytearray()
         self._pending_total: int | None = None
         self._error: MqttProtocolError | None = None
+        self._raw = False
 
     @property
     def protocol_version(self) -> int | None:
@@ -778,7 +781,7 @@ class MqttDecoder:
             raise MqttProtocolError(
                 f"decoder already failed: {err.message}", err.reason_code, err.protocol_version
             )
-        out: list[Packet] = []
+        out: list[Any] = []
         try:
             with memoryview(data) as view:
                 self._feed(view, out)
@@ -792,7 +795,17 @@ class MqttDecoder:
             raise
         return out
 
-    def _feed(self, view: memoryview, out: list[Packet]) -> None:
+    def feed_raw(self, data: _ByteSource) -> list[Packet | RawPublish]:
+        """Like :meth:`feed`, but each PUBLISH comes as a :class:`RawPublish`
+        (validated exactly as :meth:`feed` does, not decoded into a
+        :class:`Publish`). Errors carry ``RawPublish`` items in ``packets`` too."""
+        self._raw = True
+        try:
+            return self.feed(data)  # type: ignore[return-value]
+        finally:
+            self._raw = False
+
+    def _feed(self, view: memoryview, out: list[Any]) -> None:
         n = len(view)
         pos = self._feed_pending(view, out) if self._pending else 0
         total: int | None = None
@@ -812,7 +825,7 @@ class MqttDecoder:
             self._pending += view[pos:]
             self._pending_total = total
 
-    def _feed_pending(self, view: memoryview, out: list[Packet]) -> int:
+    def _feed_pending(self, view: memoryview, out: list[Any]) -> int:
         """Complete the buffered partial packet from ``view``; return bytes used."""
         pending = self._pending
         n = len(view)
@@ -891,11 +904,13 @@ class MqttDecoder:
         elif flags != _REQUIRED_FLAGS[ptype]:  # §2.1.3 [MQTT-2.1.3-1]
             raise _malformed(f"invalid fixed header flags for {PacketType(ptype).name}")
 
-    def _decode(self, buf: memoryview, start: int, body: int, end: int) -> Packet:
+    def _decode(self, buf: memoryview, start: int, body: int, end: int) -> Packet | RawPublish:
         first = buf[start]
         ptype = first >> 4
         reader = _Reader(buf, body, end)
         if ptype == PacketType.PUBLISH:
+            if self._raw:
+                return self._raw_publish(first, reader)
             return self._publish(first, reader)
         if ptype == PacketType.CONNECT:
             connect = _decode_connect(reader)
@@ -931,11 +946,18 @@ class MqttDecoder:
             raise _protocol(f"invalid AUTH reason code 0x{code:02X}")
         return Auth(code, props)
 
-    def _publish(self, first: int, reader: _Reader) -> Publish:
+    def _publish_header(
+        self, first: int, reader: _Reader
+    ) -> tuple[str, int, int, int | None, Properties]:
+        """Validate a PUBLISH up to its payload: (topic, topic start, topic end,
+        packet id, properties); ``reader`` is left at the payload."""
         version = self._version
         assert version is not None
         qos = (first >> 1) & 3
-        topic = reader.utf8()
+        n = reader.u16()
+        topic_start = reader._need(n)
+        topic_end = topic_start + n
+        topic = _decode_utf8(reader.buf, topic_start, topic_end)
         if "+" in topic or "#" in topic:  # [MQTT-3.3.2-2]
             raise MqttProtocolError("wildcard in PUBLISH topic", ReasonCode.TOPIC_NAME_INVALID)
         packet_id = None
@@ -952,14 +974,100 @@ class MqttDecoder:
                 raise _protocol("client PUBLISH with a subscription identifier")
         elif not topic:  # 3.1.1 [MQTT-4.7.3-1]
             raise _protocol("empty PUBLISH topic")
+        return topic, topic_start, topic_end, packet_id, props
+
+    def _publish(self, first: int, reader: _Reader) -> Publish:
+        topic, _, _, packet_id, props = self._publish_header(first, reader)
         return Publish(
             topic,
             reader.rest(),
-            qos,
+            (first >> 1) & 3,
             bool(first & 0x01),
             bool(first & 0x08),
             packet_id,
             props,
+        )
+
+    def _raw_publish(self, first: int, reader: _Reader) -> RawPublish:
+        topic, start, end, packet_id, props = self._publish_header(first, reader)
+        buf = reader.buf
+        return RawPublish(
+            first,
+            topic,
+            bytes(buf[start:end]),
+            bytes(buf[end : reader.end]),
+            reader.pos - end,
+            packet_id,
+            props,
+        )
+
+
+class RawPublish:
+    """A fully validated PUBLISH kept as wire bytes (:meth:`MqttDecoder.feed_raw`),
+    so a proxy can rewrite its topic without decoding and re-encoding it.
+
+    ``tail`` is everything after the topic name (packet id, properties,
+    payload); the payload starts at ``tail[payload_offset:]``.
+    """
+
+    __slots__ = (
+        "first",
+        "packet_id",
+        "payload_offset",
+        "properties",
+        "tail",
+        "topic",
+        "topic_bytes",
+    )
+
+    def __init__(
+        self,
+        first: int,
+        topic: str,
+        topic_bytes: bytes,
+        tail: bytes,
+        payload_offset: int,
+        packet_id: int | None,
+        properties: Properties,
+    ) -> None:
+        self.first = first
+        self.topic = topic
+        self.topic_bytes = topic_bytes
+        self.tail = tail
+        self.payload_offset = payload_offset
+        self.packet_id = packet_id
+        self.properties = properties
+
+    def packet(self) -> Publish:
+        """The decoded :class:`Publish` (what :meth:`MqttDecoder.feed` returns)."""
+        first = self.first
+        return Publish(
+            self.topic,
+            self.tail[self.payload_offset :],
+            (first >> 1) & 3,
+            bool(first & 0x01),
+            bool(first & 0x08),
+            self.packet_id,
+            self.properties,
+        )
+
+    def with_topic(self, topic_bytes: bytes) -> bytes | None:
+        """The same packet on the wire under another (already valid, UTF-8
+        encoded) topic name; ``None`` if it would not fit a packet."""
+        n = len(topic_bytes)
+        if n > 0xFFFF:
+            return None
+        length = 2 + n + len(self.tail)
+        if length > MAX_REMAINING_LENGTH:
+            return None
+        return b"".join(
+            (
+                bytes((self.first,)),
+                _enc_varint(length),
+                n.to_bytes(2, "big"),
+                topic_bytes,
+                self.tail,
+            )
         )
 
 

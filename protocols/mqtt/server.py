@@ -111,7 +111,8 @@ class _Link:
         self.backend: BackendConnection | None = None
         self.session: Session | None = None
         self.identity: DeviceIdentity | None = None
-        self.killed = asyncio.Event()
+        # a plain future, not a task waiting on an Event: one task less per session
+        self.killed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.kill_reason: tuple[str, str] | None = None
         self.lname = conn.listener.value
 
@@ -140,8 +141,8 @@ class _Link:
         assert self.backend is not None
         device = asyncio.create_task(self._device_loop(), name="mqtt-device")
         backend = asyncio.create_task(self._backend_loop(), name="mqtt-backend")
-        killed = asyncio.create_task(self.killed.wait(), name="mqtt-kill")
-        tasks = {device, backend, killed}
+        killed = self.killed
+        tasks: set[asyncio.Future[None]] = {device, backend, killed}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -182,31 +183,39 @@ class _Link:
 
     # events --------------------------------------------------------------------
     async def _apply(self, events: Iterable[Event], *, final: bool = False) -> None:
-        writer = self.conn.writer
-        to_device = False
-        to_backend = False
+        # One write per direction per batch: the data of consecutive sends is
+        # joined, and written before anything that awaits or ends the link.
+        to_device: list[bytes] = []
+        to_backend: list[bytes] = []
         for ev in events:
-            if isinstance(ev, SendDevice):
-                writer.write(ev.data)
-                to_device = True
-            elif isinstance(ev, SendBackend):
+            if isinstance(ev, SendBackend):
                 if self.backend is not None:
-                    self.backend.write(ev.data)
-                    to_backend = True
+                    to_backend.append(ev.data)
+            elif isinstance(ev, SendDevice):
+                to_device.append(ev.data)
             elif isinstance(ev, Published):
-                self.server.metrics.messages.inc(self.lname, ev.direction)
+                self.server.metrics.messages.inc(self.lname, ev.direction, amount=ev.count)
             elif isinstance(ev, Authorize):
+                await self._send(to_device, to_backend)
+                to_device, to_backend = [], []
                 await self._authorize(ev)
             elif isinstance(ev, TokenRequested):
-                await self._flush(to_device, to_backend)  # the PUBACK goes first
-                to_device = to_backend = False
+                await self._send(to_device, to_backend)  # the PUBACK goes first
+                to_device, to_backend = [], []
                 await self._answer_token()
             elif isinstance(ev, Close):
-                await self._flush(to_device, to_backend)
+                await self._send(to_device, to_backend)
                 if not final:
                     raise _Closed(ev.code, ev.message)
                 return
-        await self._flush(to_device, to_backend)
+        await self._send(to_device, to_backend)
+
+    async def _send(self, to_device: list[bytes], to_backend: list[bytes]) -> None:
+        if to_device:
+            self.conn.writer.write(to_device[0] if len(to_device) == 1 else b"".join(to_device))
+        if to_backend and self.backend is not None:
+            self.backend.write(to_backend[0] if len(to_backend) == 1 else b"".join(to_backend))
+        await self._flush(bool(to_device), bool(to_backend))
 
     async def _flush(self, to_device: bool, to_backend: bool) -> None:
         try:
@@ -273,7 +282,8 @@ class _Link:
     async def _kill(self, code: str, message: str) -> None:
         """Called by the session registry: end this session promptly."""
         self.kill_reason = (code, message)
-        self.killed.set()
+        if not self.killed.done():
+            self.killed.set_result(None)
 
     # teardown ------------------------------------------------------------------
     def log_close(self, code: str, message: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from protocols.mqtt import topics
@@ -37,6 +38,7 @@ from protocols.mqtt.codec import (
     Publish,
     Pubrec,
     Pubrel,
+    RawPublish,
     ReasonCode,
     Suback,
     Subscribe,
@@ -75,9 +77,10 @@ class Authorize:
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """A device PUBLISH forwarded (for metrics)."""
+    """PUBLISHes forwarded (for metrics): ``count`` of them, in ``direction``."""
 
     direction: str
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +138,14 @@ class MqttFrontend:
         self._assigned_id: str | None = None
         self._device = MqttDecoder(max_packet_size)
         self._backend: MqttDecoder | None = None
-        self._held: list[Packet] = []
+        self._held: list[Packet | RawPublish] = []
         self._connect: Connect | None = None
         # SUBSCRIBE packet id -> positions refused by the gateway (merged into SUBACK)
         self._refused_subs: dict[int, list[tuple[int, int]]] = {}
         # QoS 2 packet ids of token-topic PUBLISHes answered here (PUBREL is ours too)
         self._local_qos2: set[int] = set()
+        # "<tenant>/" as UTF-8 once the tenant id is known valid (wire fast path)
+        self._prefix: bytes | None = None
 
     @property
     def closed(self) -> bool:
@@ -153,20 +158,96 @@ class MqttFrontend:
         if self.state is State.CLOSED:
             return []
         try:
-            packets = self._device.feed(data)
+            packets = self._device.feed_raw(data)
         except MqttProtocolError as exc:
             events: list[Event] = []
-            for p in exc.packets:
-                events += self._device_packet(p)
+            for done in exc.packets:
+                events += self._device_packet(done)
                 if self.closed:
                     return events
             return events + self._protocol_error(exc)
+        if self.state is not State.CONNECTED:
+            out: list[Event] = []
+            for p in packets:
+                out += self._device_packet(p)
+                if self.closed:
+                    break
+            return out
+        return self._forward_batch(packets, self._mount_raw, self._forward_device, "device")
+
+    def _forward_batch(
+        self,
+        packets: list[Packet | RawPublish],
+        fast: Callable[[RawPublish], bytes | None],
+        slow: Callable[[Packet | RawPublish], list[Event]],
+        direction: str,
+    ) -> list[Event]:
+        """Forward a batch: PUBLISHes the wire fast path can rewrite are joined
+        into one send with one :class:`Published`; the rest go the full way
+        (in order: queued fast-path bytes are emitted before a slow event)."""
         out: list[Event] = []
+        chunks: list[bytes] = []
+        count = 0
+        to_device = direction == "backend"
         for p in packets:
-            out += self._device_packet(p)
+            if type(p) is RawPublish:
+                data = fast(p)
+                if data is not None:
+                    chunks.append(data)
+                    count += 1
+                    continue
+            if chunks:
+                joined = b"".join(chunks)
+                out.append(SendDevice(joined) if to_device else SendBackend(joined))
+                chunks = []
+            out += slow(p)
             if self.closed:
                 break
+        if chunks:
+            joined = b"".join(chunks)
+            out.append(SendDevice(joined) if to_device else SendBackend(joined))
+        if count:
+            out.append(Published(direction, count))
         return out
+
+    def _tenant_prefix(self) -> bytes | None:
+        prefix = self._prefix
+        if prefix is None and self.tenant is not None:
+            try:
+                topics.validate_tenant_id(self.tenant)
+            except ValueError:
+                return None  # the full path reports it
+            prefix = self._prefix = (self.tenant + "/").encode()
+        return prefix
+
+    def _mount_raw(self, p: RawPublish) -> bytes | None:
+        """Device PUBLISH → broker bytes on the wire, or ``None`` for the full path
+        (token topics, topic aliases, Response Topic, refused or oversized topics)."""
+        props = p.properties
+        if props.topic_alias is not None or props.response_topic is not None:
+            return None
+        topic = p.topic
+        if self.token_topics and topic in (TOKEN_REQUEST_TOPIC, TOKEN_RESPONSE_TOPIC):
+            return None
+        prefix = self._tenant_prefix()
+        if prefix is None or not self._topic_allowed(topic):
+            return None
+        return p.with_topic(prefix + p.topic_bytes)
+
+    def _unmount_raw(self, p: RawPublish) -> bytes | None:
+        """Broker PUBLISH → device bytes on the wire, or ``None`` for the full path."""
+        props = p.properties
+        if props.topic_alias is not None or props.response_topic is not None:
+            return None
+        prefix = self._tenant_prefix()
+        raw = p.topic_bytes
+        if prefix is None or not raw.startswith(prefix):
+            return None
+        inner = p.topic[len(prefix) :]  # the tenant id is ASCII: same offset
+        if not inner or inner[0] == "$":
+            return None
+        # the decoder refused wildcards and U+0000 in the whole topic already
+        return p.with_topic(raw[len(prefix) :])
 
     def _protocol_error(self, exc: MqttProtocolError) -> list[Event]:
         self.state, was = State.CLOSED, self.state
@@ -175,7 +256,7 @@ class MqttFrontend:
         events: list[Event] = [SendDevice(data)] if data else []
         return [*events, Close("malformed", exc.message)]
 
-    def _device_packet(self, p: Packet) -> list[Event]:
+    def _device_packet(self, p: Packet | RawPublish) -> list[Event]:
         if self.state is State.AWAIT_CONNECT:
             assert isinstance(p, Connect)  # the server-side decoder guarantees it
             return self._on_connect(p)
@@ -263,6 +344,7 @@ class MqttFrontend:
             will=will,
             properties=props,
         )
+        self._connect = None  # not needed any more: no CONNECT kept per session
         self.state = State.CONNECTED
         out: list[Event] = [SendBackend(encode(backend_connect, version))]
         held, self._held = self._held, []
@@ -292,9 +374,14 @@ class MqttFrontend:
         inner = topics.from_backend_topic(self.tenant, props.response_topic)
         return replace(props, response_topic=inner)
 
-    def _forward_device(self, p: Packet) -> list[Event]:
+    def _forward_device(self, p: Packet | RawPublish) -> list[Event]:
         assert self.tenant is not None and self.version is not None
         v = self.version
+        if isinstance(p, RawPublish):
+            data = self._mount_raw(p)
+            if data is not None:
+                return [SendBackend(data), Published("device")]
+            p = p.packet()
         if isinstance(p, Publish):
             if self.token_topics and p.topic in (TOKEN_REQUEST_TOPIC, TOKEN_RESPONSE_TOPIC):
                 return self._token_publish(p)
@@ -400,18 +487,17 @@ class MqttFrontend:
         if self.state is State.CLOSED or self._backend is None:
             return []
         try:
-            packets = self._backend.feed(data)
+            packets = self._backend.feed_raw(data)
         except MqttProtocolError as exc:
             self.state = State.CLOSED
             return [Close("backend_protocol_error", f"broker sent invalid MQTT: {exc.message}")]
-        out: list[Event] = []
-        for p in packets:
-            out += self._forward_backend(p)
-        return out
+        return self._forward_batch(packets, self._unmount_raw, self._forward_backend, "backend")
 
-    def _forward_backend(self, p: Packet) -> list[Event]:
+    def _forward_backend(self, p: Packet | RawPublish) -> list[Event]:
         assert self.tenant is not None and self.version is not None
         v = self.version
+        if isinstance(p, RawPublish):
+            p = p.packet()
         if isinstance(p, Publish):
             if p.topic == "" and p.properties.topic_alias is not None:
                 return [SendDevice(encode(p, v)), Published("backend")]
