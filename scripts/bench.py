@@ -13,7 +13,10 @@ Tests (each alternates gateway / mosquitto rounds, A B A B, so drift cancels):
 3. idle connections held and RSS per connection at 2,000 and 10,000;
 4. QoS 0 publish throughput device -> subscriber, through the gateway
    (upstream mosquitto) versus mosquitto directly;
-5. EST enrollments per second (not available yet).
+5. EST enrollments per second: ``POST /.well-known/est/simpleenroll`` with
+   Basic ``tenant/device:OTP`` and a pre-generated ECDSA P-256 CSR, over a pool
+   of keep-alive HTTPS connections, against a tenant with an ECDSA P-256 CA
+   and bulk-registered pending devices (no C peer: the ratio is to 500/s).
 
 The servers (the gateway *and* its upstream broker, or mosquitto alone) are
 pinned to the first CPU, the load generators (Python, one process per
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import multiprocessing as mp
@@ -43,20 +47,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway import operations as ops  # noqa: E402
+from gateway.ca_service import CaService  # noqa: E402
+from gateway.config import CaConfig  # noqa: E402
 from gateway.fleet.driver import ConnectFailure, Device, DriverOptions, client_context  # noqa: E402
 from gateway.fleet.mqtt_client import MqttConnection, open_mqtt  # noqa: E402
 from gateway.fleet.pki import Manifest, generate_fleet, load_manifest  # noqa: E402
 from gateway.fleet.register import StoreRegistrar, register_fleet  # noqa: E402
 from gateway.fleet.run import install_fast_loop, read_rss_kb  # noqa: E402
+from gateway.http.mgmt import enrollment_otp_hasher  # noqa: E402
+from gateway.secrets import SecretBox  # noqa: E402
 from gateway.store.sqlite import SqliteStore  # noqa: E402
 from protocols.mqtt.codec import Disconnect, Publish, encode  # noqa: E402
 
@@ -64,6 +79,8 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DISCONNECT = encode(Disconnect(), 4)
 TENANTS = {"ec": "bench", "rsa": "bench-rsa"}
 REVOKED_ENTRIES = 200
+EST_TENANT = "bench-est"
+EST_TARGET = 500.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -84,10 +101,26 @@ class Profile:
     """ECDSA devices cycled through by the handshake test."""
     concurrency: int = 128
     warmup: float = 1.0
+    est_devices: int = 3_000
+    """EST enrollments per round (each round spends its own pending devices)."""
+    est_concurrency: int = 32
+    """Keep-alive HTTPS connections enrolling at once (split over the load processes)."""
 
 
 FULL = Profile("full", 10_000, 300, 3, 8.0, (2_000, 10_000), (3, 1), 6.0)
-QUICK = Profile("quick", 1_000, 60, 3, 2.0, (1_000,), (1,), 2.0, handshake_devices=500, warmup=0.5)
+QUICK = Profile(
+    "quick",
+    1_000,
+    60,
+    3,
+    2.0,
+    (1_000,),
+    (1,),
+    2.0,
+    handshake_devices=500,
+    warmup=0.5,
+    est_devices=400,
+)
 
 
 # ----------------------------------------------------------------------------------
@@ -260,7 +293,9 @@ port = 0
 [listeners.mqtt_service]
 enabled = false
 [listeners.https]
-enabled = false
+enabled = {https}
+host = "127.0.0.1"
+port = 0
 [listeners.lwm2m]
 enabled = false
 [listeners.admin]
@@ -281,8 +316,16 @@ upstream_port = {upstream}
 
 
 def start_gateway(
-    work: Path, data: Path, fleet: Manifest, loop: str, cpus: set[int], launcher: Path | None
+    work: Path,
+    data: Path,
+    fleet: Manifest,
+    loop: str,
+    cpus: set[int],
+    launcher: Path | None,
+    listener: str = "mqtt",
 ) -> Server:
+    """The gateway and its upstream mosquitto; ``port`` is that of ``listener``
+    (``mqtt``, or ``https``: the HTTPS listener is enabled only then)."""
     upstream = start_mosquitto_plain(work, cpus)
     cfg = work / "gateway.toml"
     cfg.write_text(
@@ -291,6 +334,7 @@ def start_gateway(
             cert=fleet.dir / "server.pem",
             key=fleet.dir / "server.key",
             upstream=upstream.port,
+            https="true" if listener == "https" else "false",
         )
     )
     logfile = work / "gateway.log"
@@ -310,7 +354,7 @@ def start_gateway(
         for line in text.splitlines():
             if "mtls-gateway ready (" in line:
                 ports = line.split("ready (", 1)[1].split(")", 1)[0]
-                port = int(dict(p.split("=") for p in ports.split(", "))["mqtt"])
+                port = int(dict(p.split("=") for p in ports.split(", "))[listener])
                 return Server("gateway", [proc, *upstream.procs], port)
         time.sleep(0.1)
     proc.kill()
@@ -525,6 +569,74 @@ async def _pubsub(
     }
 
 
+async def _est(
+    index: int,
+    port: int,
+    tenant: str,
+    items: list[tuple[str, str, str]],
+    concurrency: int,
+    cmds: Any,
+    out: Any,
+) -> dict[str, Any]:
+    """EST ``/simpleenroll`` of ``items`` (device id, OTP, base64 CSR), ``concurrency``
+    at a time over as many keep-alive HTTPS connections, opened before ``go``."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False  # server verification costs the client, not the server
+    ctx.verify_mode = ssl.CERT_NONE
+    base = f"https://127.0.0.1:{port}/.well-known/est"
+    statuses: dict[str, int] = {}
+    latency: list[float] = []
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def warm() -> None:
+            async with session.get(f"{base}/{tenant}/cacerts") as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"GET cacerts: HTTP {r.status}")
+
+        await asyncio.gather(*(warm() for _ in range(concurrency)))
+        requests = [
+            (
+                "Basic " + base64.b64encode(f"{tenant}/{device_id}:{otp}".encode()).decode(),
+                csr.encode("ascii"),
+            )
+            for device_id, otp, csr in items
+        ]
+        todo = iter(requests)
+        url = f"{base}/simpleenroll"
+        out.put(("ready", index, None))
+        await asyncio.to_thread(cmds.get, True, 60)  # ("go",)
+        loop = asyncio.get_running_loop()
+
+        async def worker() -> None:
+            for auth, body in todo:  # one shared iterator: each CSR is sent once
+                t = loop.time()
+                headers = {"Authorization": auth, "Content-Type": "application/pkcs10"}
+                try:
+                    async with session.post(url, data=body, headers=headers) as r:
+                        await r.read()
+                        key = str(r.status)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    key = exc.__class__.__name__
+                statuses[key] = statuses.get(key, 0) + 1
+                latency.append(loop.time() - t)
+
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        t1 = time.monotonic()
+        cpu = time.process_time() - cpu0
+    return {
+        "ok": statuses.get("201", 0),
+        "statuses": statuses,
+        "t0": t0,
+        "t1": t1,
+        "cpu": cpu,
+        "latency": latency,
+    }
+
+
 def load_main(index: int, cpus: set[int], cmds: Any, out: Any) -> None:
     """A load process: executes commands from ``cmds`` until ``("stop",)``."""
     pin(cpus)
@@ -551,6 +663,8 @@ def load_main(index: int, cpus: set[int], cmds: Any, out: Any) -> None:
                 result = asyncio.run(_hold(index, *params, cmds, out))
             elif name == "pubsub":
                 result = asyncio.run(_pubsub(index, *params, cmds, out))
+            elif name == "est":
+                result = asyncio.run(_est(index, *params, cmds, out))
             else:
                 raise ValueError(f"unknown command {name!r}")
         except Exception as exc:
@@ -612,8 +726,11 @@ class LoadPool:
                 p.join(5)
 
 
-def _split(devices: Sequence[Device], parts: int) -> list[list[Device]]:
-    return [list(devices[i::parts]) for i in range(parts)]
+T = TypeVar("T")
+
+
+def _split(items: Sequence[T], parts: int) -> list[list[T]]:
+    return [list(items[i::parts]) for i in range(parts)]
 
 
 # ----------------------------------------------------------------------------------
@@ -634,7 +751,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)
 
-    def gateway(self) -> Server:
+    def gateway(self, listener: str = "mqtt") -> Server:
         return start_gateway(
             self.work,
             self.data,
@@ -642,6 +759,7 @@ class Bench:
             self.args.gateway_loop,
             self.server_cpus,
             self.args.gateway_launcher,
+            listener,
         )
 
     def mosquitto(self) -> Server:
@@ -854,6 +972,71 @@ class Bench:
         out["target"] = ">= 0.8"
         return out
 
+    # 5 -----------------------------------------------------------------------------
+    def est(self, gateway: Server, devices: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
+        """``rounds`` rounds of ``est_devices`` enrollments each (a device enrolls once)."""
+        p = self.profile
+        k = self.pool.size
+        n = p.est_devices
+        conc = max(1, p.est_concurrency // k)
+        rates: list[float] = []
+        per_cpu: list[float] = []
+        cpu_pct: list[float] = []
+        client_cpu: list[float] = []
+        latency: list[float] = []
+        statuses: dict[str, int] = {}
+        self.foreign = []
+        for r in range(p.rounds):
+            batch = devices[r * n : (r + 1) * n]
+            for i, part in enumerate(_split(batch, k)):
+                self.pool.send(i, "est", gateway.port, EST_TENANT, part, conc)
+            self.pool.collect("ready", range(k), 120)
+            ours = [*gateway.pids, *(q.pid for q in self.pool.procs), os.getpid()]
+            t0, b0, o0 = cpu_ticks(gateway.pids), busy_ticks(), cpu_ticks(ours)
+            for i in range(k):
+                self.pool.send(i, "go")
+            results = self.pool.collect("result", range(k), 300)
+            t1, b1, o1 = cpu_ticks(gateway.pids), busy_ticks(), cpu_ticks(ours)
+            wall = max(x["t1"] for x in results) - min(x["t0"] for x in results)
+            used = (t1 - t0) / CLK_TCK
+            ok = sum(x["ok"] for x in results)
+            rates.append(ok / wall)
+            per_cpu.append(ok / used if used > 0 else 0.0)
+            cpu_pct.append(100 * used / wall)
+            client_cpu.append(100 * sum(x["cpu"] for x in results) / wall)
+            self.foreign.append(100 * max((b1 - b0) - (o1 - o0), 0) / CLK_TCK / wall)
+            for x in results:
+                latency += x["latency"]
+                for status, c in x["statuses"].items():
+                    statuses[status] = statuses.get(status, 0) + c
+            log(
+                f"  est round {r + 1} {ok}/{len(batch)} enrolled in {wall:5.2f}s,"
+                f" {rates[-1]:7.1f}/s, server CPU {cpu_pct[-1]:5.1f}%,"
+                f" {per_cpu[-1]:6.1f}/CPU-s, load CPU {client_cpu[-1]:5.1f}%"
+            )
+            if not gateway.alive():
+                raise RuntimeError("the gateway died during the EST test")
+        lat = sorted(latency)
+        g = summary(rates)
+        g["perServerCpuSecond"] = summary(per_cpu)
+        g["serverCpuPercent"] = summary(cpu_pct)
+        g["statuses"] = statuses
+        g["failures"] = {s: c for s, c in statuses.items() if s != "201"}
+        g["latencyMsP50"] = round(1000 * lat[len(lat) // 2], 2) if lat else None
+        g["latencyMsP99"] = round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else None
+        return {
+            "unit": "enrollments/s",
+            "enrollmentsPerRound": n,
+            "concurrency": conc * k,
+            "ca": "ECDSA P-256 tenant CA; ECDSA P-256 CSRs",
+            "gateway": g,
+            "peer": "none (no C EST server to run side by side): compared with the target",
+            "loadCpuPercent": summary(client_cpu),
+            "otherProcessesCpuPercent": summary(self.foreign),
+            "ratioToTarget": round(g["median"] / EST_TARGET, 3) if g["median"] else None,
+            "target": f">= {EST_TARGET:.0f}/s",
+        }
+
 
 def _ratio(out: dict[str, Any], key: str) -> float | None:
     g, m = out["gateway"][key], out["mosquitto"][key]
@@ -902,6 +1085,53 @@ async def prepare_store(data: Path, fleets: dict[str, Manifest]) -> None:
             await ops.set_revocation_settings(store, tenant, now, "bench", offline=True)
     finally:
         await store.close()
+
+
+async def prepare_est(data: Path, count: int) -> list[tuple[str, str]]:
+    """The EST tenant: an ECDSA P-256 tenant CA and ``count`` pending devices with
+    an ``ENROLLMENT_OTP`` each (bulk CSV, hashed as the management API does)."""
+    store = SqliteStore(data / "gateway.db")
+    await store.open()
+    try:
+        now = datetime.now(UTC)
+        box = await asyncio.to_thread(SecretBox.load_or_create, data)  # the gateway's KEK
+        await ops.create_tenant(store, EST_TENANT, now, "bench")
+        await CaService(store, box, CaConfig(key_type="ec")).create(EST_TENANT, now, "bench")
+        devices = [(f"est-{i:06d}", os.urandom(9).hex()) for i in range(count)]
+        hasher = enrollment_otp_hasher(box)
+        for i in range(0, count, 2_000):  # a bulk CSV holds at most 5,000 rows
+            part = devices[i : i + 2_000]
+            csv = "ID;AUTH_TYPE;ENROLLMENT_OTP\n" + "".join(
+                f"{device_id};CERTIFICATES;{otp}\n" for device_id, otp in part
+            )
+            result = await ops.bulk_register(
+                store, EST_TENANT, csv.encode(), now, "bench", hash_otp=hasher
+            )
+            if result.failures or len(result.created) != len(part):
+                raise RuntimeError(f"EST bulk registration refused rows: {result.failures[:3]}")
+        return devices
+    finally:
+        await store.close()
+
+
+def _csrs(device_ids: list[str]) -> list[str]:
+    """Base64 DER PKCS#10 requests, CN = device id, fresh ECDSA P-256 keys (discarded)."""
+    out = []
+    for device_id in device_ids:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        out.append(base64.b64encode(csr.public_bytes(serialization.Encoding.DER)).decode("ascii"))
+    return out
+
+
+def est_requests(devices: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(device id, OTP, CSR) per device; the keys and CSRs are made in a process pool."""
+    ids = [device_id for device_id, _ in devices]
+    chunks = [ids[i : i + 250] for i in range(0, len(ids), 250)]
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=mp.get_context("spawn")) as pool:
+        csrs = [csr for chunk in pool.map(_csrs, chunks) for csr in chunk]
+    return [(d, otp, csr) for (d, otp), csr in zip(devices, csrs, strict=True)]
 
 
 def machine() -> dict[str, Any]:
@@ -1009,8 +1239,21 @@ def print_table(results: dict[str, Any]) -> None:
     if t:
         add("QoS 0 device->subscriber (msg/s)", t, "", 0)
         add("  per server CPU-second", t, "perServerCpuSecond", 0)
-    if "est" in results:
-        rows.append(("EST enrollments (/s)", "not available yet", "n/a", "-", ">= 500/s", ""))
+    t = results.get("est")
+    if t:
+        g = t["gateway"]
+        failed = sum(g["failures"].values())
+        rows.append(
+            (
+                "EST enrollments, ECDSA P-256 CA (/s)",
+                _cell(g, 0),
+                "n/a (no C peer)",
+                _fmt(t["ratioToTarget"], 2) + "x",
+                t["target"],
+                "ratio = gateway / 500/s" + (f"; failed enrollments: {failed}" if failed else ""),
+            )
+        )
+        rows.append(("  per server CPU-second", _cell(g["perServerCpuSecond"], 0), "", "", "", ""))
     headers = (
         "test",
         "gateway median [min-max]",
@@ -1104,6 +1347,15 @@ def main() -> int:
     data.mkdir()
     asyncio.run(prepare_store(data, fleets))
     log("store prepared (tenants, anchors, revocations, device users)")
+    est_items: list[tuple[str, str, str]] = []
+    if "est" in only:
+        t = time.monotonic()
+        pending = asyncio.run(prepare_est(data, profile.est_devices * profile.rounds))
+        est_items = est_requests(pending)
+        log(
+            f"EST: tenant CA, {len(est_items)} pending devices and CSRs prepared"
+            f" in {time.monotonic() - t:.1f}s"
+        )
 
     pin(load_cpus)  # this process and the load processes stay off the servers' CPU
     nload = max(1, len(load_cpus) or (os.cpu_count() or 1))
@@ -1150,9 +1402,12 @@ def main() -> int:
                 results["idle"].append(bench.idle(step, rounds))
                 phase(f"idle-{step}")
         if "est" in only:
-            # TODO(issue 6): EST enrollments per second once the EST endpoint exists.
-            print("EST: not available yet", file=sys.stderr)
-            results["est"] = {"status": "not available yet", "target": ">= 500/s"}
+            log("EST enrollments")
+            gateway = bench.gateway("https")
+            results["est"] = bench.est(gateway, est_items)
+            gateway.stop()
+            gateway = None
+            phase("est")
     finally:
         for server in (gateway, mosq):
             if server is not None:
@@ -1161,7 +1416,7 @@ def main() -> int:
     elapsed = time.monotonic() - started
     foreign = [
         t["otherProcessesCpuPercent"]["median"]
-        for t in (results.get(k) for k in ("handshakes_ec", "handshakes_rsa", "qos0"))
+        for t in (results.get(k) for k in ("handshakes_ec", "handshakes_rsa", "qos0", "est"))
         if t and t["otherProcessesCpuPercent"]["median"] is not None
     ]
     if foreign:
