@@ -129,7 +129,7 @@ class Gateway:
                 lc.host,
                 lc.port,
                 self.trust,
-                mqtt.handle,
+                mqtt.protocol,
                 metrics=self.metrics,
                 limiter=limiter,
                 rate=rate,

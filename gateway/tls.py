@@ -1,10 +1,10 @@
 """The TLS terminator for TCP listeners (8883, 9883, 8443).
 
 Accepts plain TCP, applies the connection limit and the per-address
-handshake rate limit *before* any TLS work, upgrades with ``start_tls``
-under the handshake timeout, extracts the presented chain, asks
-:class:`~gateway.trust_state.TrustState` for the decision and hands the
-authenticated stream to the front-end's handler.
+handshake rate limit *before* any TLS work, runs the handshake under its
+timeout, extracts the presented chain, asks
+:class:`~gateway.trust_state.TrustState` for the decision and hands the TLS
+transport, with that decision, to the front-end's protocol.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.metrics import GatewayMetrics
@@ -26,21 +26,17 @@ log = logging.getLogger("mtls_gateway.tls")
 
 
 @dataclass(slots=True)
-class TlsConnection:
-    """An established TLS connection with its trust decision.
+class TlsPeer:
+    """An established TLS connection's peer and trust decision."""
 
-    The peer's chain is not kept: it is only needed for the decision, and a
-    DER chain per idle connection is memory for nothing.
-    """
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
     peer: str
     listener: Listener
     decision: Decision
 
 
-Handler = Callable[[TlsConnection], Awaitable[None]]
+ProtocolFactory = Callable[[TlsPeer, Callable[[], None]], asyncio.Protocol]
+"""``factory(peer, done)``: the protocol that takes over the TLS transport after
+the handshake; it must call ``done()`` once, from its ``connection_lost``."""
 
 
 class ConnectionLimiter:
@@ -115,15 +111,34 @@ def _verify_failure_reason(exc: BaseException) -> str:
     return "connection_lost"
 
 
-READ_LIMIT = 64 * 1024
+class _Handoff(asyncio.Protocol):
+    """The TLS transport's protocol until the real one takes over: keeps what
+    arrives between the end of the handshake and the hand-over."""
 
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = False
+        self.exc: Exception | None = None
 
-class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
-    """A stream protocol for use under TLS, where half-close is not supported."""
+    def data_received(self, data: bytes) -> None:
+        self.data += data
 
     def eof_received(self) -> bool:
-        super().eof_received()
         return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.exc = exc
+
+    def hand_over(self, transport: asyncio.BaseTransport, protocol: asyncio.Protocol) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.data:
+            data = bytes(self.data)
+            self.data.clear()
+            protocol.data_received(data)
+        if self.lost:
+            protocol.connection_lost(self.exc)
 
 
 class TlsListener:
@@ -134,6 +149,9 @@ class TlsListener:
     ``loop.connect_accepted_socket(ssl=...)``: the TLS layer owns the socket
     from its first byte, so a ClientHello can never race the upgrade (with
     uvloop, a plain transport starts reading as soon as it exists).
+
+    Authenticated connections go to the protocol ``protocol_factory`` returns
+    (``transport.set_protocol``: no stream pair, no task per connection).
     """
 
     def __init__(
@@ -142,7 +160,7 @@ class TlsListener:
         host: str,
         port: int,
         trust: TrustState,
-        handler: Handler,
+        protocol_factory: ProtocolFactory,
         *,
         metrics: GatewayMetrics,
         limiter: ConnectionLimiter,
@@ -153,7 +171,7 @@ class TlsListener:
         self.host = host
         self.port = port
         self.trust = trust
-        self.handler = handler
+        self.protocol_factory = protocol_factory
         self.metrics = metrics
         self.limiter = limiter
         self.rate = rate
@@ -162,6 +180,7 @@ class TlsListener:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._live: set[asyncio.Transport] = set()  # handed to a protocol
         self._refusals_logged_at = 0.0
         self._refusals_unlogged = 0
 
@@ -198,6 +217,10 @@ class TlsListener:
             task.cancel()
         if self._conn_tasks:
             await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        for transport in list(self._live):
+            if not transport.is_closing():
+                transport.abort()
+        await asyncio.sleep(0)  # let connection_lost run
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -274,11 +297,11 @@ class TlsListener:
 
     async def _serve(self, conn: socket.socket, peer: str) -> None:
         lname = self.listener.value
+        handed_over = False
         try:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            reader = asyncio.StreamReader(limit=READ_LIMIT)
-            protocol = _TlsStreamProtocol(reader)
+            protocol = _Handoff()
             try:
                 tls_transport, _ = await asyncio.wait_for(
                     loop.connect_accepted_socket(
@@ -306,22 +329,35 @@ class TlsListener:
                 )
                 conn.close()
                 return
-            writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
-            decision = self._decide(writer.get_extra_info("ssl_object"))
+            decision = self._decide(tls_transport.get_extra_info("ssl_object"))
             self.metrics.handshake_seconds.observe(time.perf_counter() - started, lname)
             if isinstance(decision, DeviceIdentity):
                 self.metrics.handshakes.inc(lname, "accepted", "ok")
             else:
                 self.metrics.handshakes.inc(lname, "rejected", decision.reason.value)
-            session = TlsConnection(reader, writer, peer, self.listener, decision)
-            try:
-                await self.handler(session)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("handler crashed for %s on %s", peer, lname)
-            finally:
-                if not writer.is_closing():
-                    tls_transport.abort()
+            handed_over = self._hand_over(tls_transport, protocol, peer, decision)
         finally:
-            self.limiter.release()
+            if not handed_over:
+                self.limiter.release()
+
+    def _hand_over(
+        self, transport: asyncio.Transport, handoff: _Handoff, peer: str, decision: Decision
+    ) -> bool:
+        """Give the transport to the factory's protocol; from here on the
+        connection slot is released by the protocol's ``done()``."""
+        self._live.add(transport)
+
+        def done() -> None:
+            if transport in self._live:
+                self._live.discard(transport)
+                self.limiter.release()
+
+        try:
+            handoff.hand_over(
+                transport, self.protocol_factory(TlsPeer(peer, self.listener, decision), done)
+            )
+        except Exception:
+            log.exception("handler crashed for %s on %s", peer, self.listener.value)
+            transport.abort()
+            done()
+        return True

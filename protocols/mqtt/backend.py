@@ -39,3 +39,35 @@ class Backend(Protocol):
 
     async def connect(self) -> BackendConnection:
         """Open a connection for one device session (raises OSError on failure)."""
+
+
+class BackendPeer(Protocol):
+    """The receiving end of a :class:`BackendLink`: callbacks, no tasks."""
+
+    def backend_data(self, data: bytes) -> None:
+        """Bytes from the broker."""
+
+    def backend_lost(self) -> None:
+        """The broker closed or the connection was lost (not called after ``close``)."""
+
+    def backend_pause_writing(self) -> None:
+        """The link's send buffer is full: stop feeding it."""
+
+    def backend_resume_writing(self) -> None:
+        """The link's send buffer drained again."""
+
+
+class BackendLink(Protocol):
+    """A callback-driven connection to the broker for one device session."""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the broker (no-op once closed)."""
+
+    def pause_reading(self) -> None:
+        """Stop delivering :meth:`BackendPeer.backend_data` until resumed."""
+
+    def resume_reading(self) -> None:
+        """Resume delivering data."""
+
+    def close(self) -> None:
+        """Close without waiting (idempotent, never raises)."""

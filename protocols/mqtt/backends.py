@@ -30,13 +30,13 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 
-from protocols.mqtt.backend import Backend, BackendConnection
+from protocols.mqtt.backend import Backend, BackendConnection, BackendLink, BackendPeer
 from protocols.mqtt.codec import Connack, ConnectReturnCode, encode
 
 __all__ = [
@@ -128,6 +128,91 @@ class _UpstreamConnection:
             self._on_close(self)
 
 
+class _UpstreamLink(asyncio.Protocol):
+    """A :class:`BackendLink` driven by the TCP transport's callbacks (no streams, no task)."""
+
+    def __init__(self, on_close: Callable[[_UpstreamLink], None]) -> None:
+        self._on_close = on_close
+        self._transport: asyncio.Transport | None = None
+        self._peer: BackendPeer | None = None
+        self._closed = False
+        self._paused = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def attach(self, peer: BackendPeer) -> None:
+        self._peer = peer
+
+    # transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._closed and self._peer is not None:
+            self._peer.backend_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close: the front-end does not half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self._closed
+        self._closed = True
+        self._on_close(self)
+        if not was_closed and self._peer is not None:
+            self._peer.backend_lost()
+
+    def pause_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.backend_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.backend_resume_writing()
+
+    # BackendLink
+
+    def write(self, data: bytes) -> None:
+        t = self._transport
+        if self._closed or t is None or t.is_closing():
+            return
+        t.write(data)
+
+    def pause_reading(self) -> None:
+        t = self._transport
+        if not self._paused and t is not None and not t.is_closing():
+            self._paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self._transport
+        if self._paused and t is not None and not t.is_closing():
+            self._paused = False
+            t.resume_reading()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._transport
+        try:
+            if transport is None:
+                return
+            if transport.get_write_buffer_size():
+                transport.abort()  # a stalled broker must not keep the buffer alive
+            else:
+                transport.close()
+        except Exception:
+            with contextlib.suppress(Exception):
+                if transport is not None:
+                    transport.abort()
+        finally:
+            self._on_close(self)
+
+
 class UpstreamBackend:
     """Forward every device session over its own TCP connection to a broker."""
 
@@ -138,11 +223,12 @@ class UpstreamBackend:
         self.port = port
         self.connect_timeout = connect_timeout
         self._connections: set[_UpstreamConnection] = set()
+        self._links: set[_UpstreamLink] = set()
         self._stopped = False
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections)
+        return len(self._connections) + len(self._links)
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -171,6 +257,8 @@ class UpstreamBackend:
         self._stopped = True
         for conn in list(self._connections):
             conn.close()
+        for link in list(self._links):
+            link.close()
 
     def _check_running(self) -> None:
         if self._stopped:
@@ -189,6 +277,38 @@ class UpstreamBackend:
         conn = _UpstreamConnection(reader, writer, self._connections.discard)
         self._connections.add(conn)
         return conn
+
+    async def connect_link(self, peer: BackendPeer) -> BackendLink:
+        """Open a callback-driven connection: ``peer`` gets the data and the end."""
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        link = _UpstreamLink(self._links.discard)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: link, self.host, self.port),
+                self.connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"MQTT broker {self.host}:{self.port} unreachable: "
+                f"no connection within {self.connect_timeout:g}s"
+            ) from exc
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"MQTT broker {self.host}:{self.port} unreachable: {exc}"
+            ) from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._stopped:  # stop() ran while we were connecting
+            transport.abort()
+            raise BackendError("upstream backend stopped")
+        if link.closed:  # lost before we got here
+            raise BackendUnavailable(f"MQTT broker {self.host}:{self.port} closed the connection")
+        self._links.add(link)
+        link.attach(peer)
+        return link
 
 
 # --------------------------------------------------------------------------

@@ -1,24 +1,29 @@
 """Asyncio glue of the MQTT front-end: moves bytes between the device's TLS
-stream, :class:`~protocols.mqtt.session.MqttFrontend` and the backend.
+transport, :class:`~protocols.mqtt.session.MqttFrontend` and the backend.
 
-One coroutine per connection: wait for CONNECT (bounded by the handshake
-timeout), admit the device, open the backend, then pump both directions
-until either side closes or the session registry kills the session. A token
-request (``s/uat``, core MQTT) is answered inline through ``issue_token``.
+Callback-driven: the device's TLS transport and the backend's TCP transport
+each drive a protocol whose ``data_received`` feeds the front-end and writes
+the resulting events to the other transport (one write per batch); a full
+destination pauses reading of the source. No streams and no long-lived task
+per session: the CONNECT phase (admission, backend connect) and a token
+request (``s/uat``, core MQTT, answered through ``issue_token``) each run in
+one short-lived task while the device's reading is paused. The CONNECT wait is
+bounded by the handshake timeout (``loop.call_later``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, cast
 
 from gateway.admission import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.sessions import Session, SessionRegistry
-from gateway.tls import TlsConnection
-from protocols.mqtt.backend import Backend, BackendConnection
+from gateway.tls import TlsPeer
+from protocols.mqtt.backend import Backend, BackendConnection, BackendLink, BackendPeer
+from protocols.mqtt.backends import UpstreamBackend
 from protocols.mqtt.codec import ReasonCode
 from protocols.mqtt.session import (
     Authorize,
@@ -34,7 +39,8 @@ from trust.model import DeviceIdentity, Listener, Rejection
 
 log = logging.getLogger("mtls_gateway.mqtt")
 
-READ_SIZE = 65536
+CLOSE_GRACE = 2.0
+"""Seconds a closing device connection may take (TLS close_notify) before it is cut."""
 
 IssueToken = Callable[[DeviceIdentity], Awaitable[bytes]]
 """Returns the ``s/dat`` answer (``71,<token>``) for an admitted device; raises
@@ -43,15 +49,6 @@ IssueToken = Callable[[DeviceIdentity], Awaitable[bytes]]
 
 class TokenUnavailable(Exception):
     """No token for this request (refused by the live rules, keys unavailable)."""
-
-
-class _Closed(Exception):
-    """The connection is over (normal end of the pumps)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class MqttServer:
@@ -82,112 +79,224 @@ class MqttServer:
         self.upstream_password = upstream_password.encode() if upstream_password else None
         self.issue_token = issue_token
 
-    async def handle(self, conn: TlsConnection) -> None:
-        """Serve one device connection to the end; never raises for peer behaviour."""
+    def protocol(self, info: TlsPeer, done: Callable[[], None]) -> asyncio.Protocol:
+        """The protocol serving one authenticated TLS connection (``TlsListener``
+        hands the transport over); ``done`` is called once it is over."""
         fe = MqttFrontend(
-            conn.decision,
-            conn.listener,
+            info.decision,
+            info.listener,
             max_packet_size=self.max_packet_size,
             allow_v5=self.backend.name != "embedded",
             # the device access token API belongs to core MQTT (8883)
-            token_topics=self.issue_token is not None and conn.listener is Listener.MQTT_CORE,
+            token_topics=self.issue_token is not None and info.listener is Listener.MQTT_CORE,
         )
-        link = _Link(conn, fe, self)
+        return _MqttLink(info, fe, self, done)
+
+
+class _StreamLink:
+    """A :class:`BackendLink` over a stream-style :class:`BackendConnection` (the
+    embedded broker's in-memory pipes): one read task, a drain task while a write waits."""
+
+    def __init__(self, conn: BackendConnection, peer: BackendPeer) -> None:
+        self._conn = conn
+        self._peer = peer
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._readable.set()
+        self._peer_paused = False
+        self._drainer: asyncio.Task[None] | None = None
+        self._reader = asyncio.create_task(self._read_loop(), name="mqtt-embedded-read")
+
+    async def _read_loop(self) -> None:
         try:
-            await link.run()
-        except _Closed as closed:
-            link.log_close(closed.code, closed.message)
+            while not self._closed:
+                if not self._readable.is_set():
+                    await self._readable.wait()
+                data = await self._conn.read()
+                if self.closed:  # closed while reading
+                    return
+                if not data:
+                    break
+                self._peer.backend_data(data)
+        except (ConnectionError, OSError):
+            pass
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+            self._peer.backend_lost()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _drain(self) -> None:
+        try:
+            await self._conn.drain()
+        except (ConnectionError, OSError):
+            return  # the read loop sees the end
         finally:
-            await link.cleanup()
+            self._drainer = None
+        if self._peer_paused and not self._closed:
+            self._peer_paused = False
+            self._peer.backend_resume_writing()
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._conn.write(data)
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain(), name="mqtt-embedded-drain")
+        elif not self._peer_paused:
+            # the previous write still waits for space: stop the source
+            self._peer_paused = True
+            self._peer.backend_pause_writing()
+
+    def pause_reading(self) -> None:
+        self._readable.clear()
+
+    def resume_reading(self) -> None:
+        self._readable.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close()
+        current = asyncio.current_task()
+        for task in (self._reader, self._drainer):
+            if task is not None and task is not current:
+                task.cancel()
 
 
-class _Link:
-    """State of one proxied connection (device stream ↔ backend connection)."""
+class _MqttLink(asyncio.Protocol):
+    """One proxied connection: the device TLS transport's protocol and the
+    backend link's peer (device transport <-> backend link)."""
 
-    def __init__(self, conn: TlsConnection, fe: MqttFrontend, server: MqttServer) -> None:
-        self.conn = conn
+    def __init__(
+        self, info: TlsPeer, fe: MqttFrontend, server: MqttServer, done: Callable[[], None]
+    ) -> None:
+        self.info = info
         self.fe = fe
         self.server = server
-        self.backend: BackendConnection | None = None
+        self._done: Callable[[], None] | None = done
+        self.transport: asyncio.Transport | None = None
+        self.backend: BackendLink | None = None
         self.session: Session | None = None
         self.identity: DeviceIdentity | None = None
-        # a plain future, not a task waiting on an Event: one task less per session
-        self.killed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.kill_reason: tuple[str, str] | None = None
-        self.lname = conn.listener.value
+        self.lname = info.listener.value
+        self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        # the CONNECT phase or a token request; the device is not read meanwhile
+        self._task: asyncio.Task[None] | None = None
+        self._held = bytearray()  # device bytes that arrived while _task ran
+        self._backend_full = False  # the backend link cannot take more
+        self._device_full = False  # the device transport cannot take more
+        self._device_paused = False
+        self._finished = False
+        self._lost: asyncio.Future[None] | None = None
 
-    # main flow -----------------------------------------------------------------
-    async def run(self) -> None:
+    @property
+    def finished(self) -> bool:
+        """True once the link ended (a method read: mypy does not narrow it)."""
+        return self._finished
+
+    def _busy(self) -> bool:
+        """A step task runs (read through a method: mypy does not narrow it)."""
+        return self._task is not None
+
+    # device transport ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses
+        self.transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.server.connect_timeout
-        while self.backend is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Closed("connect_timeout", "no MQTT CONNECT within the handshake timeout")
-            try:
-                data = await asyncio.wait_for(self.conn.reader.read(READ_SIZE), remaining)
-            except TimeoutError:
-                raise _Closed(
-                    "connect_timeout", "no MQTT CONNECT within the handshake timeout"
-                ) from None
-            except (ConnectionError, OSError):
-                raise _Closed("connection_lost", "device dropped before CONNECT") from None
-            if not data:
-                raise _Closed("connection_lost", "device closed before CONNECT")
-            await self._apply(self.fe.device_data(data))
-        await self._pump()
+        self._lost = loop.create_future()
+        self._timer = loop.call_later(self.server.connect_timeout, self._connect_timeout)
 
-    async def _pump(self) -> None:
-        assert self.backend is not None
-        device = asyncio.create_task(self._device_loop(), name="mqtt-device")
-        backend = asyncio.create_task(self._backend_loop(), name="mqtt-backend")
-        killed = self.killed
-        tasks: set[asyncio.Future[None]] = {device, backend, killed}
+    def data_received(self, data: bytes) -> None:
+        if self._finished:
+            return
+        if self._task is not None:
+            self._held += data
+            return
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if killed in done and self.kill_reason is not None:
-            code, message = self.kill_reason
-            await self._apply(self.fe.kick(code, message), final=True)
-            raise _Closed(code, message)
-        for t in done:
-            exc = t.exception()
-            if isinstance(exc, _Closed):
-                raise exc
-            if exc is not None:
-                log.error("mqtt pump failed", exc_info=exc)
-                raise _Closed("internal_error", str(exc))
-        raise _Closed("closed", "connection ended")
+            self._apply(self.fe.device_data(data))
+        except Exception as exc:
+            self._crashed(exc)
 
-    async def _device_loop(self) -> None:
-        reader = self.conn.reader
-        while True:
-            try:
-                data = await reader.read(READ_SIZE)
-            except (ConnectionError, OSError):
-                data = b""
-            if not data:
-                raise _Closed("device_closed", "device closed the connection")
-            await self._apply(self.fe.device_data(data))
+    def eof_received(self) -> bool:
+        return False  # no half-close under TLS
 
-    async def _backend_loop(self) -> None:
-        assert self.backend is not None
-        while True:
-            data = await self.backend.read()
-            if not data:
-                raise _Closed("backend_closed", "broker closed the connection")
-            await self._apply(self.fe.backend_data(data))
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        if not self._finished:
+            if self.identity is not None:
+                self._finish("device_closed", "device closed the connection")
+            elif exc is None:
+                self._finish("connection_lost", "device closed before CONNECT")
+            else:
+                self._finish("connection_lost", "device dropped before CONNECT")
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+    def pause_writing(self) -> None:
+        self._device_full = True
+        if self.backend is not None:
+            self.backend.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._device_full = False
+        if self.backend is not None:
+            self.backend.resume_reading()
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        if self.backend is None and self._task is None:
+            self._finish("connect_timeout", "no MQTT CONNECT within the handshake timeout")
+
+    def _update_device_reading(self) -> None:
+        pause = self._task is not None or self._backend_full
+        t = self.transport
+        if pause is self._device_paused or t is None or t.is_closing():
+            return
+        self._device_paused = pause
+        if pause:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
+    # backend link (BackendPeer) ----------------------------------------------------
+    def backend_data(self, data: bytes) -> None:
+        if self._finished:
+            return
+        try:
+            self._apply(self.fe.backend_data(data))
+        except Exception as exc:
+            self._crashed(exc)
+
+    def backend_lost(self) -> None:
+        if not self._finished:
+            self._finish("backend_closed", "broker closed the connection")
+
+    def backend_pause_writing(self) -> None:
+        self._backend_full = True
+        self._update_device_reading()
+
+    def backend_resume_writing(self) -> None:
+        self._backend_full = False
+        self._update_device_reading()
 
     # events --------------------------------------------------------------------
-    async def _apply(self, events: Iterable[Event], *, final: bool = False) -> None:
+    def _apply(self, events: Sequence[Event]) -> None:
         # One write per direction per batch: the data of consecutive sends is
-        # joined, and written before anything that awaits or ends the link.
+        # joined, and written before anything that waits or ends the link.
         to_device: list[bytes] = []
         to_backend: list[bytes] = []
-        for ev in events:
+        for i, ev in enumerate(events):
             if isinstance(ev, SendBackend):
                 if self.backend is not None:
                     to_backend.append(ev.data)
@@ -196,66 +305,102 @@ class _Link:
             elif isinstance(ev, Published):
                 self.server.metrics.messages.inc(self.lname, ev.direction, amount=ev.count)
             elif isinstance(ev, Authorize):
-                await self._send(to_device, to_backend)
-                to_device, to_backend = [], []
-                await self._authorize(ev)
-            elif isinstance(ev, TokenRequested):
-                await self._send(to_device, to_backend)  # the PUBACK goes first
-                to_device, to_backend = [], []
-                await self._answer_token()
-            elif isinstance(ev, Close):
-                await self._send(to_device, to_backend)
-                if not final:
-                    raise _Closed(ev.code, ev.message)
+                self._send(to_device, to_backend)
+                if self._timer is not None:  # admission and backend have their own bounds
+                    self._timer.cancel()
+                    self._timer = None
+                self._step(self._authorize(ev), events[i + 1 :])
                 return
-        await self._send(to_device, to_backend)
+            elif isinstance(ev, TokenRequested):
+                self._send(to_device, to_backend)  # the PUBACK goes first
+                self._step(self._answer_token(), events[i + 1 :])
+                return
+            elif isinstance(ev, Close):
+                self._send(to_device, to_backend)
+                self._finish(ev.code, ev.message)
+                return
+        self._send(to_device, to_backend)
 
-    async def _send(self, to_device: list[bytes], to_backend: list[bytes]) -> None:
-        if to_device:
-            self.conn.writer.write(to_device[0] if len(to_device) == 1 else b"".join(to_device))
+    def _send(self, to_device: list[bytes], to_backend: list[bytes]) -> None:
+        t = self.transport
+        if to_device and t is not None and not t.is_closing():
+            t.write(to_device[0] if len(to_device) == 1 else b"".join(to_device))
         if to_backend and self.backend is not None:
             self.backend.write(to_backend[0] if len(to_backend) == 1 else b"".join(to_backend))
-        await self._flush(bool(to_device), bool(to_backend))
 
-    async def _flush(self, to_device: bool, to_backend: bool) -> None:
+    def _step(self, work: Coroutine[Any, Any, None], rest: Sequence[Event]) -> None:
+        """Run ``work`` in a short-lived task, then the rest of the batch; the
+        device is not read meanwhile (its bytes are held, in order)."""
+        self._task = asyncio.create_task(self._run_step(work, rest), name="mqtt-step")
+        self._update_device_reading()
+
+    async def _run_step(self, work: Coroutine[Any, Any, None], rest: Sequence[Event]) -> None:
+        me = asyncio.current_task()
         try:
-            if to_device:
-                await self.conn.writer.drain()
-            if to_backend and self.backend is not None:
-                await self.backend.drain()
-        except (ConnectionError, OSError):
-            raise _Closed("connection_lost", "peer went away while sending") from None
+            await work
+        except Exception as exc:
+            if self._task is me:
+                self._task = None
+            self._crashed(exc)
+            return
+        if self._task is me:
+            self._task = None
+        if self.finished or self._task is not None:
+            return
+        try:
+            self._apply(rest)
+            if self.finished or self._busy():
+                return
+            self._update_device_reading()
+            if self._held:
+                data = bytes(self._held)
+                self._held.clear()
+                self._apply(self.fe.device_data(data))
+        except Exception as exc:
+            self._crashed(exc)
+
+    def _crashed(self, exc: BaseException) -> None:
+        log.error("mqtt pump failed", exc_info=exc)
+        self._finish("internal_error", str(exc))
 
     async def _authorize(self, ev: Authorize) -> None:
-        admitted = await self.server.admission.admit(ev.identity, self.conn.peer)
+        admitted = await self.server.admission.admit(ev.identity, self.info.peer)
         if isinstance(admitted, Rejection):
-            await self._apply(
+            self._apply(
                 self.fe.refuse(ReasonCode.NOT_AUTHORIZED, admitted.reason.value, admitted.message)
             )
             return
+        backend = self.server.backend
         try:
-            self.backend = await asyncio.wait_for(
-                self.server.backend.connect(), self.server.backend_timeout
-            )
+            if isinstance(backend, UpstreamBackend):
+                link = await asyncio.wait_for(
+                    backend.connect_link(self), self.server.backend_timeout
+                )
+            else:
+                conn = await asyncio.wait_for(backend.connect(), self.server.backend_timeout)
+                link = _StreamLink(conn, self)
         except (OSError, TimeoutError) as exc:
-            log.error("backend %s unavailable: %s", self.server.backend.name, exc)
-            await self._apply(
+            log.error("backend %s unavailable: %s", backend.name, exc)
+            self._apply(
                 self.fe.refuse(
                     ReasonCode.SERVER_UNAVAILABLE, "backend_unavailable", "broker unavailable"
                 )
             )
             return
+        self.backend = link
+        if self._device_full:
+            link.pause_reading()
         self.identity = admitted
-        self.session = self.server.registry.add(admitted, self.conn.peer, self._kill)
+        self.session = self.server.registry.add(admitted, self.info.peer, self._kill)
         log.info(
             "mqtt session open listener=%s tenant=%s device=%s client_id=%s peer=%s reason=ok",
             self.lname,
             admitted.tenant,
             admitted.device_id,
             self.fe.client_id,
-            self.conn.peer,
+            self.info.peer,
         )
-        await self._apply(
+        self._apply(
             self.fe.backend_ready(
                 username=self.server.upstream_username, password=self.server.upstream_password
             )
@@ -277,19 +422,43 @@ class _Link:
             log.exception("token request failed tenant=%s device=%s", ident.tenant, ident.device_id)
             return
         log.info("token issued tenant=%s device=%s", ident.tenant, ident.device_id)
-        await self._apply(self.fe.token_answer(answer))
+        self._apply(self.fe.token_answer(answer))
 
     async def _kill(self, code: str, message: str) -> None:
-        """Called by the session registry: end this session promptly."""
-        self.kill_reason = (code, message)
-        if not self.killed.done():
-            self.killed.set_result(None)
+        """Called by the session registry: end this session promptly (v5: DISCONNECT first)."""
+        if not self._finished:
+            self._apply(self.fe.kick(code, message))
+            if not self._finished:
+                self._finish(code, message)
 
     # teardown ------------------------------------------------------------------
+    def _finish(self, code: str, message: str) -> None:
+        """The end, whoever noticed it first: log, unregister, close both sides."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._held.clear()
+        self.log_close(code, message)
+        if self.session is not None:
+            self.server.registry.remove(self.session)
+        if self.backend is not None:
+            self.backend.close()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()  # after what is queued (CONNACK refusal, DISCONNECT)
+            if self._lost is not None and not self._lost.done():
+                self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, t.abort)
+
     def log_close(self, code: str, message: str) -> None:
         ident = self.identity
         if ident is None:
-            decision = self.conn.decision
+            decision = self.info.decision
             tenant = getattr(decision, "tenant", None)
             device = getattr(decision, "device_id", None)
             if isinstance(decision, Rejection) and code in ("connection_lost", "connect_timeout"):
@@ -300,7 +469,7 @@ class _Link:
                 self.lname,
                 tenant,
                 device,
-                self.conn.peer,
+                self.info.peer,
                 code,
                 message,
             )
@@ -316,14 +485,3 @@ class _Link:
             code,
             message,
         )
-
-    async def cleanup(self) -> None:
-        if self.session is not None:
-            self.server.registry.remove(self.session)
-        if self.backend is not None:
-            self.backend.close()
-        writer = self.conn.writer
-        if not writer.is_closing():
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
