@@ -16,7 +16,8 @@ Sealed format (ASCII, safe in any store)::
 
 ``key id`` is the first 8 hex digits of SHA-256(KEK), so a value sealed with
 another KEK gives a clear error. Several gateway instances sharing one store
-(Redis) must share the same KEK file: copy it to each of them.
+(Redis) must share the same KEK file: copy it to each of them, or point
+``MTLS_GATEWAY_KEK_FILE`` at it.
 
 Usage::
 
@@ -63,8 +64,16 @@ class SecretError(Exception):
     """
 
 
+KEK_FILE_ENV = "MTLS_GATEWAY_KEK_FILE"
+"""Environment variable naming the KEK file: several gateway instances sharing
+one store (Redis) point it at the same (copied or mounted) file."""
+
+
 def kek_path(data_dir: Path) -> Path:
-    """Where the KEK of a data directory lives."""
+    """Where the KEK lives: ``$MTLS_GATEWAY_KEK_FILE``, else ``<data_dir>/secrets/kek``."""
+    override = os.environ.get(KEK_FILE_ENV)
+    if override:
+        return Path(override)
     return Path(data_dir) / "secrets" / "kek"
 
 

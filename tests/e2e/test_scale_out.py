@@ -33,7 +33,14 @@ upstream_port = {upstream}
 store_outage_grace = 60.0
 """
     )
-    return Daemon(tmp, config, name=f"{name}.toml", data=tmp / name, args=["--no-demo"])
+    return Daemon(
+        tmp,
+        config,
+        name=f"{name}.toml",
+        data=tmp / name,
+        args=["--no-demo"],
+        env={"MTLS_GATEWAY_KEK_FILE": str(tmp / "shared-kek")},  # one KEK for all instances
+    )
 
 
 async def cli(*args: str) -> str:

@@ -100,3 +100,16 @@ def test_bad_kek_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SecretError, match="purpose"):
         SecretBox(b"k" * 32).seal(b"x", "")
     assert "k" * 8 not in repr(SecretBox(b"k" * 32))
+
+
+def test_kek_file_from_the_environment_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances with different data dirs share one KEK through MTLS_GATEWAY_KEK_FILE."""
+    shared = tmp_path / "shared" / "kek"
+    monkeypatch.setenv("MTLS_GATEWAY_KEK_FILE", str(shared))
+    a = SecretBox.load_or_create(tmp_path / "a")
+    b = SecretBox.load_or_create(tmp_path / "b")
+    assert shared.exists() and a.key_id == b.key_id
+    assert not (tmp_path / "a" / "secrets" / "kek").exists()
+    assert b.open(a.seal(b"x", "p"), "p") == b"x"
