@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -160,6 +160,23 @@ class CrlFetcher:
         self.trust.online = self.online_check
         self.trust.on_change(self._on_trust_change)
         self._task = asyncio.create_task(self._run(), name="crl-fetcher")
+
+    async def fetch_now(self, urls: Iterable[str]) -> list[FetchResult]:
+        """Download ``urls`` once into the cache, without the background task and
+        without touching live sessions (``trust verify --tenant`` answers like
+        the listeners with it)."""
+        own = self._session is None
+        if own:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.fetch_timeout),
+                headers={"Accept": "application/pkix-crl, */*;q=0.1"},
+            )
+        try:
+            return [await self._fetch_one(url) for url in urls]
+        finally:
+            if own and self._session is not None:
+                await self._session.close()
+                self._session = None
 
     async def stop(self) -> None:
         self.trust.online = None

@@ -22,11 +22,15 @@ from typing import Any
 from cryptography import x509
 
 from gateway.cli.store_cmds import Context, common_parser, run_store_command
-from gateway.trust_state import load_snapshot
+from gateway.crl_fetcher import CrlFetcher
+from gateway.metrics import GatewayMetrics
+from gateway.sessions import SessionRegistry
+from gateway.trust_state import TrustState, load_snapshot
 from trust.certs import CertificateError, fingerprint, load_certificates
 from trust.crl import CrlError, check_chain_against_crls, load_crls
 from trust.model import Decision, DeviceIdentity, Listener, Reason, Rejection
-from trust.policy import DecisionPolicy, decide
+from trust.policy import DecisionPolicy, OnlineCheck, decide
+from trust.snapshot import TrustSnapshot
 from trust.verify import ChainError, VerifiedChain, VerifyPolicy, verify_chain
 
 MAX_INPUT_BYTES = 64 << 20
@@ -200,7 +204,8 @@ def _verify_against_tenant(args: argparse.Namespace) -> int:
             verify=VerifyPolicy(max_chain_length=args.max_chain_length),
             require_anchor_in_chain=ctx.config.trust.require_anchor_in_chain,
         )
-        decision = decide(presented, snap, now, listener, policy)
+        online = await _online_check(ctx, snap, presented, now, listener, policy)
+        decision = decide(presented, snap, now, listener, policy, online)
         if isinstance(decision, DeviceIdentity) and decision.tenant != args.tenant:
             decision = Rejection(
                 Reason.UNTRUSTED,
@@ -211,6 +216,33 @@ def _verify_against_tenant(args: argparse.Namespace) -> int:
         return _report_decision(args, decision)
 
     return run_store_command(args, action)
+
+
+async def _online_check(
+    ctx: Context,
+    snap: TrustSnapshot,
+    presented: list[x509.Certificate],
+    now: datetime,
+    listener: Listener,
+    policy: DecisionPolicy,
+) -> OnlineCheck | None:
+    """For tenants with the online CRL check on: fetch the chain's distribution
+    points once, as the daemon would have, and check against them."""
+    if not any(t.settings.online for t in snap.tenants.values()):
+        return None
+    trust = TrustState(ctx.store, policy, server_cert=Path("-"), server_key=Path("-"))
+    fetcher = CrlFetcher.from_config(
+        ctx.config.crl,
+        trust=trust,
+        registry=SessionRegistry(),
+        metrics=GatewayMetrics(),
+        status_path=None,
+    )
+    decide(presented, snap, now, listener, policy, fetcher.cache.check)  # registers the DPs
+    due = fetcher.cache.due(now)
+    if due:
+        await fetcher.fetch_now(due)
+    return fetcher.cache.check
 
 
 def _report_decision(args: argparse.Namespace, decision: Decision) -> int:

@@ -330,3 +330,40 @@ def test_device_certificates_list_and_revoke(data: Path) -> None:
         "devices", "revoke-certificate", "device-0001", "abc", "--tenant", "demo", *d, ok=None
     )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_trust_verify_tenant_applies_the_online_crl_check(tmp_path: Path) -> None:
+    """`trust verify --tenant` fetches the chain's CRL distribution points once,
+    so it answers like the listeners for tenants with the online check on."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from gateway.pki import make_crl, make_device, pem_chain
+
+    data = tmp_path / "data"
+    crl_path = tmp_path / "root.crl"
+    url = crl_path.as_uri()
+    root = make_ca("Online Root")
+    revoked = make_device("gone", root, crl_urls=[url])
+    fine = make_device("fine", root, crl_urls=[url])
+    crl_path.write_bytes(
+        make_crl(
+            root, [(revoked.cert.serial_number, revoked.cert.not_valid_before_utc)]
+        ).public_bytes(Encoding.DER)
+    )
+    (tmp_path / "root.pem").write_bytes(root.cert_pem())
+    (tmp_path / "gone.pem").write_bytes(pem_chain(revoked, root))
+    (tmp_path / "fine.pem").write_bytes(pem_chain(fine, root))
+    config = tmp_path / "gateway.toml"
+    config.write_text("[crl]\nallow_file_urls = true\n")
+    d = ("--data-dir", data, "--config", config)
+    cli("tenants", "create", "t9", *d)
+    cli("anchors", "add", tmp_path / "root.pem", "--tenant", "t9", *d)
+    cli("crl", "settings", "--tenant", "t9", "--online", "on", *d)
+    gone = cli("trust", "verify", tmp_path / "gone.pem", "--tenant", "t9", "--json", *d, ok=None)
+    assert gone.returncode == 1, gone.stdout + gone.stderr
+    assert json.loads(gone.stdout)["reason"] == "revoked"
+    ok = cli("trust", "verify", tmp_path / "fine.pem", "--tenant", "t9", *d)
+    assert ok.stdout.startswith("accepted")
+    # with the online check off, the CRL is not consulted
+    cli("crl", "settings", "--tenant", "t9", "--online", "off", *d)
+    cli("trust", "verify", tmp_path / "gone.pem", "--tenant", "t9", *d)
