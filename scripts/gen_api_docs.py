@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from docgen import write_or_check  # scripts/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "gateway" / "openapi.yaml"
@@ -117,19 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = yaml.safe_load(args.source.read_text("utf-8"))
     text = Renderer(spec).render()
-    if args.check:
-        current = args.output.read_text("utf-8") if args.output.exists() else ""
-        if current != text:
-            print(
-                f"{args.output} is out of date: run `python scripts/gen_api_docs.py`",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, "utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    return write_or_check(args.output, text, check=args.check, script="gen_api_docs.py")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from docgen import write_or_check  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 from gateway import config as config_module  # noqa: E402
 from gateway.cli.run_cmd import RELOADED_ON_SIGHUP  # noqa: E402
 from gateway.config import SECRET_KEYS, Config, env_overrides  # noqa: E402
@@ -219,19 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     text = Renderer().render()
-    if args.check:
-        current = args.output.read_text("utf-8") if args.output.exists() else ""
-        if current != text:
-            print(
-                f"{args.output} is out of date: run `python scripts/gen_config_docs.py`",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, "utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    return write_or_check(args.output, text, check=args.check, script="gen_config_docs.py")
 
 
 if __name__ == "__main__":
