@@ -770,6 +770,24 @@ class MqttDecoder:
         """Number of bytes of an incomplete packet currently held."""
         return len(self._pending)
 
+    @property
+    def max_packet_size(self) -> int:
+        """The limit on the total packet size this decoder enforces."""
+        return self._max_packet_size
+
+    @property
+    def server(self) -> bool:
+        """True for the server side of a connection (see the class docstring)."""
+        return self._server
+
+    def take_pending(self) -> bytes:
+        """Remove and return the bytes of the incomplete packet held (feeding
+        them back later, followed by the rest, decodes it as if never taken)."""
+        held = bytes(self._pending)
+        self._pending = bytearray()
+        self._pending_total = None
+        return held
+
     def feed(self, data: _ByteSource) -> list[Packet]:
         """Consume ``data``; return the packets it completes (possibly none).
 

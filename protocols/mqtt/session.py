@@ -49,6 +49,7 @@ from protocols.mqtt.codec import (
     encode,
     encode_reject_connack,
 )
+from protocols.mqtt.fastpath import PublishRewriter
 from trust.model import Decision, DeviceIdentity, Listener, Reason, Rejection
 
 BACKEND_MAX_PACKET = 268435455
@@ -146,6 +147,9 @@ class MqttFrontend:
         self._local_qos2: set[int] = set()
         # "<tenant>/" as UTF-8 once the tenant id is known valid (wire fast path)
         self._prefix: bytes | None = None
+        # wire fast paths, made on the first data after CONNECT
+        self._fast_in: PublishRewriter | None = None
+        self._fast_out: PublishRewriter | None = None
 
     @property
     def closed(self) -> bool:
@@ -157,6 +161,14 @@ class MqttFrontend:
     def device_data(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED:
             return []
+        if self.state is State.CONNECTED:
+            fast = self._fast_in
+            if fast is None:
+                fast = self._fast_in = self._rewriter(self._mount_topic, self._device)
+            return self._fast(fast, self._device, data, self._device_data, "device")
+        return self._device_data(data)
+
+    def _device_data(self, data: bytes) -> list[Event]:
         try:
             packets = self._device.feed_raw(data)
         except MqttProtocolError as exc:
@@ -174,6 +186,42 @@ class MqttFrontend:
                     break
             return out
         return self._forward_batch(packets, self._mount_raw, self._forward_device, "device")
+
+    def _rewriter(
+        self, policy: Callable[[RawPublish], bytes | None], decoder: MqttDecoder
+    ) -> PublishRewriter:
+        assert self.version is not None
+        return PublishRewriter(
+            policy,
+            version=self.version,
+            max_packet_size=decoder.max_packet_size,
+            server=decoder.server,
+        )
+
+    def _fast(
+        self,
+        fast: PublishRewriter,
+        decoder: MqttDecoder,
+        data: bytes,
+        slow: Callable[[bytes], list[Event]],
+        direction: str,
+    ) -> list[Event]:
+        """Forward the leading run of plain PUBLISHes on the wire (see
+        :mod:`protocols.mqtt.fastpath`); the rest takes the full decoder."""
+        if decoder.buffered:
+            data = decoder.take_pending() + data
+        pieces: list[bytes] = []
+        count, used = fast.run(data, pieces)
+        if not count:
+            return slow(data)
+        joined = b"".join(pieces)
+        head: list[Event] = [
+            SendDevice(joined) if direction == "backend" else SendBackend(joined),
+            Published(direction, count),
+        ]
+        if used == len(data):
+            return head
+        return head + slow(data[used:])
 
     def _forward_batch(
         self,
@@ -223,6 +271,11 @@ class MqttFrontend:
     def _mount_raw(self, p: RawPublish) -> bytes | None:
         """Device PUBLISH → broker bytes on the wire, or ``None`` for the full path
         (token topics, topic aliases, Response Topic, refused or oversized topics)."""
+        topic = self._mount_topic(p)
+        return None if topic is None else p.with_topic(topic)
+
+    def _mount_topic(self, p: RawPublish) -> bytes | None:
+        """The broker-side topic of a device PUBLISH, or ``None`` for the full path."""
         props = p.properties
         if props.topic_alias is not None or props.response_topic is not None:
             return None
@@ -232,10 +285,15 @@ class MqttFrontend:
         prefix = self._tenant_prefix()
         if prefix is None or not self._topic_allowed(topic):
             return None
-        return p.with_topic(prefix + p.topic_bytes)
+        return prefix + p.topic_bytes
 
     def _unmount_raw(self, p: RawPublish) -> bytes | None:
         """Broker PUBLISH → device bytes on the wire, or ``None`` for the full path."""
+        topic = self._unmount_topic(p)
+        return None if topic is None else p.with_topic(topic)
+
+    def _unmount_topic(self, p: RawPublish) -> bytes | None:
+        """The device-side topic of a broker PUBLISH, or ``None`` for the full path."""
         props = p.properties
         if props.topic_alias is not None or props.response_topic is not None:
             return None
@@ -247,7 +305,7 @@ class MqttFrontend:
         if not inner or inner[0] == "$":
             return None
         # the decoder refused wildcards and U+0000 in the whole topic already
-        return p.with_topic(raw[len(prefix) :])
+        return raw[len(prefix) :]
 
     def _protocol_error(self, exc: MqttProtocolError) -> list[Event]:
         self.state, was = State.CLOSED, self.state
@@ -486,6 +544,15 @@ class MqttFrontend:
     def backend_data(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED or self._backend is None:
             return []
+        if self.state is State.CONNECTED:
+            fast = self._fast_out
+            if fast is None:
+                fast = self._fast_out = self._rewriter(self._unmount_topic, self._backend)
+            return self._fast(fast, self._backend, data, self._backend_data, "backend")
+        return self._backend_data(data)
+
+    def _backend_data(self, data: bytes) -> list[Event]:
+        assert self._backend is not None
         try:
             packets = self._backend.feed_raw(data)
         except MqttProtocolError as exc:

@@ -1,8 +1,9 @@
 """MqttFrontend: the wire-level PUBLISH fast path against the full decode path.
 
-The fast path rewrites topics on the wire bytes (``RawPublish``); the
-reference is the same front-end with the fast path switched off, so every
-PUBLISH goes through ``Publish`` objects, ``replace`` and ``encode``.
+The fast paths rewrite topics on the wire bytes (runs of PUBLISHes through
+``PublishRewriter``, single ones through ``RawPublish``); the reference is the
+same front-end with both switched off, so every PUBLISH goes through
+``Publish`` objects, ``replace`` and ``encode``.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def identity() -> DeviceIdentity:
 class SlowFrontend(MqttFrontend):
     """The reference: every PUBLISH takes the full decode/encode path."""
 
-    def _mount_raw(self, p: RawPublish) -> bytes | None:
+    def _mount_topic(self, p: RawPublish) -> bytes | None:
         return None
 
-    def _unmount_raw(self, p: RawPublish) -> bytes | None:
+    def _unmount_topic(self, p: RawPublish) -> bytes | None:
         return None
 
 
@@ -197,3 +198,67 @@ def test_slow_packets_keep_their_order_between_fast_ones() -> None:
     decoded = [p for d in sends for p in MqttDecoder(1 << 20, 4, server=True).feed(d)]
     assert [type(p).__name__ for p in decoded] == ["Publish", "Subscribe", "Publish"]
     assert sum(e.count for e in events if isinstance(e, Published)) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_corrupted_streams_end_the_same_way_on_both_paths(data: st.DataObject) -> None:
+    """Byte flips, zero packet ids, properties after a cached head, truncation:
+    the fast path forwards exactly what the full path forwards and fails the same."""
+    version = data.draw(st.sampled_from([4, 5]))
+    pub = Publish("a/b", b"x" * 10, data.draw(st.integers(0, 2)), packet_id=None)
+    if pub.qos:
+        pub = Publish("a/b", b"x" * 10, pub.qos, packet_id=9)
+    wire = bytearray(encode(pub, version) * 4)
+    wire += b"".join(
+        encode(p, version) for p in data.draw(st.lists(publishes(version, topic_names), max_size=3))
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire[i] = data.draw(st.integers(0, 255))
+    wire = wire[: data.draw(st.integers(1, len(wire)))]
+    step = data.draw(st.sampled_from([len(wire), 1, 5, 13]))
+    fast = connected(MqttFrontend, version)
+    slow = connected(SlowFrontend, version)
+    fast_events: list[Event] = []
+    slow_events: list[Event] = []
+    for i in range(0, len(wire), step):
+        fast_events += fast.device_data(bytes(wire[i : i + step]))
+        slow_events += slow.device_data(bytes(wire[i : i + step]))
+    assert summary(fast_events) == summary(slow_events)
+    assert fast.state is slow.state
+
+
+def test_cached_head_still_checks_packet_id_and_properties() -> None:
+    fe = connected(MqttFrontend, 5)
+    good = encode(Publish("t", b"p", 1, packet_id=3), 5)
+    zero = bytearray(good)
+    zero[5:7] = b"\0\0"  # head: 0x32 len 0x00 0x01 't' | packet id | props
+    events = fe.device_data(good + bytes(zero))
+    assert summary(events)[2] == {"device": 1}
+    assert summary(events)[3][-1].code == "malformed"  # type: ignore[union-attr]
+    assert fe.closed
+    fe = connected(MqttFrontend, 5)
+    for qos, pid in ((0, None), (1, 3), (2, 4)):
+        fe = connected(MqttFrontend, 5)
+        plain = encode(Publish("t", b"p" * 9, qos, packet_id=pid), 5)
+        props = Properties(content_type="a", response_topic="r")
+        with_props = encode(Publish("t", b"p", qos, packet_id=pid, properties=props), 5)
+        assert len(with_props) == len(plain)  # the same head: only the checks tell them apart
+        _, backend, counts, _ = summary(fe.device_data(plain + with_props + plain))
+        assert counts == {"device": 3}
+        decoded = MqttDecoder(1 << 20, 5, server=True).feed(backend)
+        mounted = Properties(content_type="a", response_topic="acme-1/r")
+        assert [p.properties for p in decoded] == [Properties(), mounted, Properties()]  # type: ignore[union-attr]
+
+
+def test_rewrite_cache_is_bounded_and_long_topics_bypass_it() -> None:
+    from protocols.mqtt import fastpath
+
+    fe = connected(MqttFrontend, 4)
+    wire = b"".join(encode(Publish(f"t/{i}", b"x"), 4) for i in range(fastpath.CACHE_LIMIT + 5))
+    long = encode(Publish("l/" + "x" * fastpath.HEAD_LIMIT, b"x"), 4)
+    _, backend, counts, _ = summary(fe.device_data(wire + long))
+    assert counts == {"device": fastpath.CACHE_LIMIT + 6}
+    assert fe._fast_in is not None and len(fe._fast_in._cache) <= fastpath.CACHE_LIMIT
+    assert b"acme-1/l/xxx" in backend
