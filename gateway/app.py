@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from cryptography import x509
 from gateway.admin import AdminServer, ServerCertificate, read_server_certificate
 from gateway.admission import Admission
 from gateway.ca_service import CaAutoRenewal, ca_service_for
-from gateway.config import Config
+from gateway.config import Config, ConfigError, MqttConfig
 from gateway.crl_fetcher import STATUS_FILE, CrlFetcher
 from gateway.device_tokens import DeviceTokens
 from gateway.dtls import DtlsListener, DtlsServer, DtlsSettings, DtlsTrust
@@ -102,6 +103,8 @@ class Gateway:
             host=cfg.mqtt.upstream_host,
             port=cfg.mqtt.upstream_port,
             connect_timeout=cfg.mqtt.connect_timeout,
+            tls=upstream_tls_context(cfg.mqtt),
+            server_name=cfg.mqtt.upstream_server_name or None,
         )
         await self.backend.start()
         admission = Admission(self.store, self.metrics)
@@ -326,3 +329,21 @@ def _describe_server_certificate(path: Path) -> ServerCertificate | None:
         # ssl loaded it, so this is only our description failing: do not stop for it
         log.warning("cannot describe the server certificate %s: %s", path, exc)
         return None
+
+
+def upstream_tls_context(mq: MqttConfig) -> ssl.SSLContext | None:
+    """The client context for TLS to the upstream broker (``None``: plain TCP).
+
+    The broker's certificate is always verified, name included: a gateway that
+    authenticates devices must not hand their sessions to an impostor.
+    """
+    if not mq.upstream_tls or mq.backend != "upstream":
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=mq.upstream_ca_file or None)
+        if mq.upstream_cert_file:
+            ctx.load_cert_chain(mq.upstream_cert_file, mq.upstream_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.upstream TLS files: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

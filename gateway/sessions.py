@@ -44,7 +44,9 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._sessions: dict[int, Session] = {}
-        self._by_device: dict[tuple[str, str], set[int]] = {}
+        # a device has one session nearly always: its id alone, a set only for more
+        # (a set costs 216 bytes even for one id; this index holds one per session)
+        self._by_device: dict[tuple[str, str], int | set[int]] = {}
         self._by_tenant: dict[str, set[int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -54,7 +56,14 @@ class SessionRegistry:
     def add(self, identity: DeviceIdentity, peer: str, close: CloseFn) -> Session:
         session = Session(next(self._ids), identity, peer, close)
         self._sessions[session.id] = session
-        self._by_device.setdefault((identity.tenant, identity.device_id), set()).add(session.id)
+        key = (identity.tenant, identity.device_id)
+        ids = self._by_device.get(key)
+        if ids is None:
+            self._by_device[key] = session.id
+        elif isinstance(ids, int):
+            self._by_device[key] = {ids, session.id}
+        else:
+            ids.add(session.id)
         self._by_tenant.setdefault(identity.tenant, set()).add(session.id)
         return session
 
@@ -62,7 +71,14 @@ class SessionRegistry:
         if self._sessions.pop(session.id, None) is None:
             return
         ident = session.identity
-        _discard(self._by_device, (ident.tenant, ident.device_id), session.id)
+        key = (ident.tenant, ident.device_id)
+        ids = self._by_device.get(key)
+        if ids == session.id:
+            del self._by_device[key]
+        elif isinstance(ids, set):
+            ids.discard(session.id)
+            if len(ids) == 1:
+                self._by_device[key] = ids.pop()
         _discard(self._by_tenant, ident.tenant, session.id)
 
     def sessions(self) -> list[Session]:
@@ -98,7 +114,8 @@ class SessionRegistry:
                 user = snap.device(ch.tenant, ch.key)
                 if user is None or user.enabled:
                     continue
-                for sid in self._by_device.get((ch.tenant, ch.key), set()):
+                ids = self._by_device.get((ch.tenant, ch.key), ())
+                for sid in (ids,) if isinstance(ids, int) else ids:
                     hits[sid] = (
                         self._sessions[sid],
                         Reason.DEVICE_DISABLED,

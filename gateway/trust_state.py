@@ -142,6 +142,12 @@ def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes] | N
     return [c.public_bytes(der) for c in chain]
 
 
+def _leaf_key(listener: Listener, leaf_der: bytes) -> bytes:
+    """The key of a leaf certificate's last decision on a listener (one bytes
+    object per cached device instead of a tuple and a digest)."""
+    return hashlib.sha256(listener.value.encode() + b"\0" + leaf_der).digest()
+
+
 @dataclass(slots=True)
 class _Cached:
     seq: int
@@ -179,9 +185,10 @@ class TrustState:
         # A device's registration or enable flag changes only that device's
         # decisions: evict those instead of the whole cache (first-connect bursts
         # would otherwise empty it for everyone).
-        self._cache_by_device: dict[str, set[bytes]] = {}
+        # (one cached chain per device nearly always: its key alone, a set only for more)
+        self._cache_by_device: dict[str, bytes | set[bytes]] = {}
         self._generation = 0
-        self._by_leaf: dict[tuple[Listener, bytes], bytes] = {}
+        self._by_leaf: dict[bytes, bytes] = {}  # _leaf_key(listener, leaf) -> cache key
         self._refresh_lock = asyncio.Lock()
         self._listeners: list[ChangeListener] = []
         self._anchor_key: tuple[str, ...] = ()
@@ -282,7 +289,8 @@ class TrustState:
     def _invalidate(self, changes: Sequence[Change]) -> None:
         if all(c.kind in (ChangeKind.DEVICE, ChangeKind.PENDING) for c in changes):
             for c in changes:
-                for key in self._cache_by_device.pop(c.key, ()):
+                keys = self._cache_by_device.pop(c.key, ())
+                for key in (keys,) if isinstance(keys, bytes) else keys:
                     self._cache.pop(key, None)
             return
         self.invalidate_decisions()
@@ -408,9 +416,15 @@ class TrustState:
             self._by_leaf.clear()
         self._cache[key] = _Cached(seq, decision, valid_until)
         if decision.device_id:
-            self._cache_by_device.setdefault(decision.device_id, set()).add(key)
+            known = self._cache_by_device.get(decision.device_id)
+            if known is None or known == key:
+                self._cache_by_device[decision.device_id] = key
+            elif isinstance(known, bytes):
+                self._cache_by_device[decision.device_id] = {known, key}
+            else:
+                known.add(key)
         if isinstance(decision, DeviceIdentity):
-            self._by_leaf[(listener, hashlib.sha256(chain_der[0]).digest())] = key
+            self._by_leaf[_leaf_key(listener, chain_der[0])] = key
         return decision
 
     def snapshot_too_stale(self) -> bool:
@@ -429,7 +443,7 @@ class TrustState:
         now = now or datetime.now(UTC)
         if not leaf_der:
             return Rejection(Reason.NO_CERTIFICATE, "no client certificate in the resumed session")
-        key = self._by_leaf.get((listener, hashlib.sha256(leaf_der).digest()))
+        key = self._by_leaf.get(_leaf_key(listener, leaf_der))
         hit = self._cache.get(key) if key is not None else None
         if (
             hit is not None

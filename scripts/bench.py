@@ -12,7 +12,10 @@ Tests (each alternates gateway / mosquitto rounds, A B A B, so drift cancels):
 2. the same with RSA 2048;
 3. idle connections held and RSS per connection at 2,000 and 10,000;
 4. QoS 0 publish throughput device -> subscriber, through the gateway
-   (upstream mosquitto) versus mosquitto directly;
+   (upstream mosquitto) versus mosquitto directly, twice: the subscriber a
+   device (through the same server: both hops through the gateway) and a
+   backend application on the broker over plain TCP (the upstream mosquitto,
+   or a plain listener of the direct mosquitto: one hop through the gateway);
 5. EST enrollments per second: ``POST /.well-known/est/simpleenroll`` with
    Basic ``tenant/device:OTP`` and a pre-generated ECDSA P-256 CSR, over a pool
    of keep-alive HTTPS connections, against a tenant with an ECDSA P-256 CA
@@ -200,10 +203,21 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 class Server:
     """A server process (or two: the gateway and its upstream broker)."""
 
-    def __init__(self, name: str, procs: list[subprocess.Popen[bytes]], port: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        procs: list[subprocess.Popen[bytes]],
+        port: int,
+        backend_port: int | None = None,
+        backend_prefix: str = "",
+    ) -> None:
         self.name = name
         self.procs = procs
         self.port = port
+        self.backend_port = backend_port
+        """Plain-TCP MQTT port of the broker where backend applications subscribe."""
+        self.backend_prefix = backend_prefix
+        """What that broker's topics carry in front of the devices' (the tenant mount)."""
 
     @property
     def pids(self) -> list[int]:
@@ -253,20 +267,33 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
 
 
-def start_mosquitto_plain(work: Path, cpus: set[int]) -> Server:
-    port = free_port()
-    conf = work / f"upstream-{port}.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+def start_mosquitto_upstream(work: Path, cpus: set[int], tls: Manifest | None = None) -> Server:
+    """The gateway's upstream broker: ``port`` is where the gateway connects (a
+    TLS listener with ``tls``'s server certificate, or plain TCP),
+    ``backend_port`` the plain listener for backend applications."""
+    plain = free_port()
+    conf = work / f"upstream-{plain}.conf"
+    text = (
+        f"listener {plain} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "user root\nmax_queued_messages 100000\n"
     )
+    port = plain
+    if tls is not None:
+        port = free_port()
+        text += (
+            f"listener {port} 127.0.0.1\n"
+            f"certfile {tls.dir / 'server.pem'}\nkeyfile {tls.dir / 'server.key'}\n"
+        )
+    conf.write_text(text)
     proc = _popen([MOSQUITTO, "-c", str(conf)], work / "upstream.log", cpus)
-    _wait_port(port, proc, "upstream mosquitto")
-    return Server("upstream", [proc], port)
+    _wait_port(plain, proc, "upstream mosquitto")
+    _wait_port(port, proc, "upstream mosquitto (TLS listener)")
+    return Server("upstream", [proc], port, backend_port=plain)
 
 
 def start_mosquitto_tls(work: Path, cafile: Path, fleet: Manifest, cpus: set[int]) -> Server:
     port = free_port()
+    plain = free_port()
     conf = work / f"mosquitto-{port}.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
@@ -275,6 +302,9 @@ def start_mosquitto_tls(work: Path, cafile: Path, fleet: Manifest, cpus: set[int
         f"keyfile {fleet.dir / 'server.key'}\n"
         "require_certificate true\n"
         "use_identity_as_username true\n"
+        # where backend applications subscribe (the QoS 0 backend-subscriber test)
+        f"listener {plain} 127.0.0.1\n"
+        "allow_anonymous true\n"
         "persistence false\n"
         # keys are 0600 root-owned: do not drop to the mosquitto user
         "user root\n"
@@ -282,7 +312,13 @@ def start_mosquitto_tls(work: Path, cafile: Path, fleet: Manifest, cpus: set[int
     )
     proc = _popen([MOSQUITTO, "-c", str(conf)], work / "mosquitto.log", cpus)
     _wait_port(port, proc, "mosquitto")
-    return Server("mosquitto", [proc], port)
+    _wait_port(plain, proc, "mosquitto (plain listener)")
+    return Server("mosquitto", [proc], port, backend_port=plain)
+
+
+def extra_mqtt(config: str, lines: str) -> str:
+    """``config`` with ``lines`` added to its ``[mqtt]`` table (the last one)."""
+    return config.rstrip("\n") + "\n" + lines if lines else config
 
 
 GATEWAY_CONFIG = """\
@@ -323,13 +359,18 @@ def start_gateway(
     cpus: set[int],
     launcher: Path | None,
     listener: str = "mqtt",
+    upstream_tls: bool = False,
 ) -> Server:
     """The gateway and its upstream mosquitto; ``port`` is that of ``listener``
-    (``mqtt``, or ``https``: the HTTPS listener is enabled only then)."""
-    upstream = start_mosquitto_plain(work, cpus)
+    (``mqtt``, or ``https``: the HTTPS listener is enabled only then); with
+    ``upstream_tls`` the gateway speaks TLS to the broker."""
+    upstream = start_mosquitto_upstream(work, cpus, fleet if upstream_tls else None)
     cfg = work / "gateway.toml"
+    extra = ""
+    if upstream_tls:
+        extra = f'upstream_tls = true\nupstream_ca_file = "{fleet.dir / "server-ca.pem"}"\n'
     cfg.write_text(
-        GATEWAY_CONFIG.format(
+        extra_mqtt(GATEWAY_CONFIG, extra).format(
             loop=loop,
             cert=fleet.dir / "server.pem",
             key=fleet.dir / "server.key",
@@ -355,7 +396,13 @@ def start_gateway(
             if "mtls-gateway ready (" in line:
                 ports = line.split("ready (", 1)[1].split(")", 1)[0]
                 port = int(dict(p.split("=") for p in ports.split(", "))[listener])
-                return Server("gateway", [proc, *upstream.procs], port)
+                return Server(
+                    "gateway",
+                    [proc, *upstream.procs],
+                    port,
+                    backend_port=upstream.backend_port,
+                    backend_prefix=TENANTS["ec"] + "/",
+                )
         time.sleep(0.1)
     proc.kill()
     upstream.stop()
@@ -494,13 +541,16 @@ async def _pubsub(
     warmup: float,
     seconds: float,
     window: int,
+    backend: tuple[int, str] | None,
     cmds: Any,
     out: Any,
 ) -> dict[str, Any]:
     """devices[0] subscribes, the others publish QoS 0 (pre-encoded batches) as fast as
     the subscriber receives: at most ``window`` messages are in flight end to end, so
     the result is the throughput sustained without loss (an overloaded broker drops
-    QoS 0 messages, which would measure the drops instead)."""
+    QoS 0 messages, which would measure the drops instead). With ``backend``
+    (plain-TCP port, topic prefix) the subscriber is a backend application on
+    the broker instead of a device."""
     loop = asyncio.get_running_loop()
     room = asyncio.Event()
     room.set()
@@ -511,11 +561,12 @@ async def _pubsub(
             room.set()
 
     contexts = _device_contexts(devices)
+    sub_port, sub_prefix = backend if backend is not None else (port, "")
     sub = await open_mqtt(
         "127.0.0.1",
-        port,
-        contexts[0][1],
-        client_id=contexts[0][0],
+        sub_port,
+        None if backend is not None else contexts[0][1],
+        client_id="bench-backend-subscriber" if backend is not None else contexts[0][0],
         connect_timeout=10.0,
         on_publish=on_publish,
     )
@@ -523,7 +574,7 @@ async def _pubsub(
         await open_mqtt("127.0.0.1", port, ctx, client_id=did, connect_timeout=10.0)
         for did, ctx in contexts[1:]
     ]
-    await sub.subscribe(topic + "/#")
+    await sub.subscribe(sub_prefix + topic + "/#")
     out.put(("ready", index, None))
     await asyncio.to_thread(cmds.get, True, 60)  # ("go",)
     t0 = loop.time()
@@ -751,7 +802,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)
 
-    def gateway(self, listener: str = "mqtt") -> Server:
+    def gateway(self, listener: str = "mqtt", upstream_tls: bool = False) -> Server:
         return start_gateway(
             self.work,
             self.data,
@@ -760,6 +811,7 @@ class Bench:
             self.server_cpus,
             self.args.gateway_launcher,
             listener,
+            upstream_tls,
         )
 
     def mosquitto(self) -> Server:
@@ -932,7 +984,9 @@ class Bench:
         return held, rss
 
     # 4 -----------------------------------------------------------------------------
-    def qos0(self, gateway: Server, mosq: Server) -> dict[str, Any]:
+    def qos0(self, gateway: Server, mosq: Server, backend: bool = False) -> dict[str, Any]:
+        """Devices publish, one subscriber counts: a device through the same server,
+        or (``backend``) a backend application on the broker over plain TCP."""
         p = self.profile
         good = self.fleets["ec"].good
         devices = [good[-1], *good[-5:-1]]  # one subscriber, four publishers
@@ -944,9 +998,10 @@ class Bench:
         self.foreign = []
         for r in range(p.rounds):
             for server in (gateway, mosq):
-                topic = f"bench/q0/{r}"
+                topic = f"bench/q0{'b' if backend else ''}/{r}"
+                sub = (server.backend_port, server.backend_prefix) if backend else None
                 self.pool.send(
-                    0, "pubsub", devices, server.port, topic, p.warmup, p.qos0_seconds, 2000
+                    0, "pubsub", devices, server.port, topic, p.warmup, p.qos0_seconds, 2000, sub
                 )
                 self.pool.collect("ready", (0,), 60)
                 self.pool.send(0, "go")
@@ -957,10 +1012,15 @@ class Bench:
                 per_cpu[server.name].append(result["received"] / used if used > 0 else 0.0)
                 stalls[server.name] += result["stalls"]
                 log(
-                    f"  qos0 round {r + 1} {server.name:9} {rates[server.name][-1]:9.0f} msg/s,"
+                    f"  qos0{'-backend' if backend else ''} round {r + 1} {server.name:9}"
+                    f" {rates[server.name][-1]:9.0f} msg/s,"
                     f" server CPU {cpu_pct[server.name][-1]:5.1f}%, stalls {result['stalls']}"
                 )
-        out: dict[str, Any] = {"unit": "messages/s", "publishers": len(devices) - 1}
+        out: dict[str, Any] = {
+            "unit": "messages/s",
+            "publishers": len(devices) - 1,
+            "subscriber": "backend application (plain TCP)" if backend else "device",
+        }
         for name in names:
             out[name] = summary(rates[name])
             out[name]["serverCpuPercent"] = summary(cpu_pct[name])
@@ -1235,10 +1295,16 @@ def print_table(results: dict[str, Any]) -> None:
                 f"100k idle: ~{t.get('extrapolated100kGiB', '-')} GiB (gateway)",
             )
         )
-    t = results.get("qos0")
-    if t:
-        add("QoS 0 device->subscriber (msg/s)", t, "", 0)
-        add("  per server CPU-second", t, "perServerCpuSecond", 0)
+    for key, label in (
+        ("qos0", "QoS 0 device->device (msg/s)"),
+        ("qos0_backend", "QoS 0 device->backend app (msg/s)"),
+        ("qos0_tls", "QoS 0 device->device, upstream TLS"),
+        ("qos0_backend_tls", "QoS 0 device->backend app, upstream TLS"),
+    ):
+        t = results.get(key)
+        if t:
+            add(label, t, "", 0)
+            add("  per server CPU-second", t, "perServerCpuSecond", 0)
     t = results.get("est")
     if t:
         g = t["gateway"]
@@ -1392,6 +1458,17 @@ def main() -> int:
                 log("QoS 0 throughput")
                 results["qos0"] = bench.qos0(gateway, mosq)
                 phase("qos0")
+                log("QoS 0 throughput, backend subscriber")
+                results["qos0_backend"] = bench.qos0(gateway, mosq, backend=True)
+                phase("qos0-backend")
+                gateway.stop()
+                gateway = bench.gateway(upstream_tls=True)
+                log("QoS 0 throughput, gateway -> upstream over TLS")
+                results["qos0_tls"] = bench.qos0(gateway, mosq)
+                phase("qos0-tls")
+                log("QoS 0 throughput, backend subscriber, gateway -> upstream over TLS")
+                results["qos0_backend_tls"] = bench.qos0(gateway, mosq, backend=True)
+                phase("qos0-backend-tls")
             gateway.stop()
             mosq.stop()
             gateway = mosq = None
@@ -1416,7 +1493,18 @@ def main() -> int:
     elapsed = time.monotonic() - started
     foreign = [
         t["otherProcessesCpuPercent"]["median"]
-        for t in (results.get(k) for k in ("handshakes_ec", "handshakes_rsa", "qos0", "est"))
+        for t in (
+            results.get(k)
+            for k in (
+                "handshakes_ec",
+                "handshakes_rsa",
+                "qos0",
+                "qos0_backend",
+                "qos0_tls",
+                "qos0_backend_tls",
+                "est",
+            )
+        )
         if t and t["otherProcessesCpuPercent"]["median"] is not None
     ]
     if foreign:

@@ -311,15 +311,18 @@ async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) ->
 class Mosquitto:
     """A real mosquitto broker on an ephemeral loopback port (the upstream backend)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
         self.port = free_port()
         self.tmp = tmp
+        self.extra = extra
+        """More configuration (e.g. a second, TLS listener) after the plain one."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         conf = self.tmp / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            + self.extra
         )
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -220,36 +220,15 @@ class MqttConnection:
         await asyncio.shield(self.proto.lost)
 
 
-async def open_mqtt(
-    host: str,
-    port: int,
+async def _start_tls(
+    loop: asyncio.AbstractEventLoop,
+    raw: asyncio.Transport,
+    proto: _MqttProtocol,
     context: ssl.SSLContext,
-    *,
-    client_id: str,
-    username: str | None = None,
-    password: bytes | None = None,
-    keepalive: int = 60,
-    connect_timeout: float = 10.0,
-    server_hostname: str | None = None,
-    version: int = 4,
-    on_publish: PublishCallback | None = None,
-) -> MqttConnection:
-    """TCP connect, TLS handshake, CONNECT, CONNACK; :class:`ConnectFailure` otherwise.
-
-    ``connect_timeout`` bounds the whole sequence.
-    """
-    loop = asyncio.get_running_loop()
-    timeout = connect_timeout
-    deadline = loop.time() + timeout
-    t0 = time.perf_counter()
-    try:
-        raw, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _MqttProtocol(version, on_publish), host, port),
-            timeout,
-        )
-    except (OSError, TimeoutError) as exc:
-        raise ConnectFailure(classify(exc), str(exc)) from None
-    t1 = time.perf_counter()
+    host: str,
+    server_hostname: str | None,
+    deadline: float,
+) -> asyncio.Transport:
     if server_hostname is None and context.check_hostname:
         server_hostname = host
     try:
@@ -269,6 +248,44 @@ async def open_mqtt(
     if tls is None:  # pragma: no cover - start_tls contract
         raw.abort()
         raise ConnectFailure("closed", "TLS upgrade returned no transport")
+    return tls
+
+
+async def open_mqtt(
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    *,
+    client_id: str,
+    username: str | None = None,
+    password: bytes | None = None,
+    keepalive: int = 60,
+    connect_timeout: float = 10.0,
+    server_hostname: str | None = None,
+    version: int = 4,
+    on_publish: PublishCallback | None = None,
+) -> MqttConnection:
+    """TCP connect, TLS handshake, CONNECT, CONNACK; :class:`ConnectFailure` otherwise.
+
+    ``connect_timeout`` bounds the whole sequence. ``context=None`` speaks plain
+    TCP (a backend client of a broker, not a device).
+    """
+    loop = asyncio.get_running_loop()
+    timeout = connect_timeout
+    deadline = loop.time() + timeout
+    t0 = time.perf_counter()
+    try:
+        raw, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: _MqttProtocol(version, on_publish), host, port),
+            timeout,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectFailure(classify(exc), str(exc)) from None
+    t1 = time.perf_counter()
+    if context is None:
+        tls = raw
+    else:
+        tls = await _start_tls(loop, raw, proto, context, host, server_hostname, deadline)
     proto.transport = tls
     t2 = time.perf_counter()
     connect = Connect(

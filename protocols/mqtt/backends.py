@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final, Literal, cast
 
@@ -129,10 +130,13 @@ class _UpstreamConnection:
 
 
 class _UpstreamLink(asyncio.Protocol):
-    """A :class:`BackendLink` driven by the TCP transport's callbacks (no streams, no task)."""
+    """A :class:`BackendLink` driven by the TCP transport's callbacks (no streams,
+    no task). Slotted: one per idle session."""
 
-    def __init__(self, on_close: Callable[[_UpstreamLink], None]) -> None:
-        self._on_close = on_close
+    __slots__ = ("_closed", "_links", "_paused", "_peer", "_transport")
+
+    def __init__(self, links: set[_UpstreamLink]) -> None:
+        self._links = links  # the backend's open links: this one leaves it on close
         self._transport: asyncio.Transport | None = None
         self._peer: BackendPeer | None = None
         self._closed = False
@@ -161,7 +165,7 @@ class _UpstreamLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_closed = self._closed
         self._closed = True
-        self._on_close(self)
+        self._links.discard(self)
         if not was_closed and self._peer is not None:
             self._peer.backend_lost()
 
@@ -210,7 +214,7 @@ class _UpstreamLink(asyncio.Protocol):
                 if transport is not None:
                     transport.abort()
         finally:
-            self._on_close(self)
+            self._links.discard(self)
 
 
 class UpstreamBackend:
@@ -218,10 +222,21 @@ class UpstreamBackend:
 
     name = "upstream"
 
-    def __init__(self, host: str, port: int, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
+        self.tls = tls
+        """Client context for TLS to the broker (``None``: plain TCP)."""
+        self.server_name = server_name or host
         self._connections: set[_UpstreamConnection] = set()
         self._links: set[_UpstreamLink] = set()
         self._stopped = False
@@ -233,7 +248,8 @@ class UpstreamBackend:
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             return await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout
+                asyncio.open_connection(self.host, self.port, **self._tls_args()),
+                self.connect_timeout,
             )
         except TimeoutError as exc:
             raise BackendUnavailable(
@@ -260,6 +276,15 @@ class UpstreamBackend:
         for link in list(self._links):
             link.close()
 
+    def _tls_args(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {
+            "ssl": self.tls,
+            "server_hostname": self.server_name,
+            "ssl_handshake_timeout": self.connect_timeout,
+        }
+
     def _check_running(self) -> None:
         if self._stopped:
             raise BackendError("upstream backend stopped")
@@ -282,10 +307,10 @@ class UpstreamBackend:
         """Open a callback-driven connection: ``peer`` gets the data and the end."""
         self._check_running()
         loop = asyncio.get_running_loop()
-        link = _UpstreamLink(self._links.discard)
+        link = _UpstreamLink(self._links)
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: link, self.host, self.port),
+                loop.create_connection(lambda: link, self.host, self.port, **self._tls_args()),
                 self.connect_timeout,
             )
         except TimeoutError as exc:
@@ -297,10 +322,8 @@ class UpstreamBackend:
             raise BackendUnavailable(
                 f"MQTT broker {self.host}:{self.port} unreachable: {exc}"
             ) from exc
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: both loops' TCP transports set it themselves (asking for
+        # the socket here would keep a socket object per session with uvloop)
         if self._stopped:  # stop() ran while we were connecting
             transport.abort()
             raise BackendError("upstream backend stopped")
@@ -740,10 +763,14 @@ def make_backend(
     host: str,
     port: int,
     connect_timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> Backend:
-    """The configured backend; ``host``/``port`` are ignored for ``embedded``."""
+    """The configured backend; ``host``/``port``/``tls`` are ignored for ``embedded``."""
     if kind == "embedded":
         return EmbeddedBackend()
     if kind == "upstream":
-        return UpstreamBackend(host, port, connect_timeout=connect_timeout)
+        return UpstreamBackend(
+            host, port, connect_timeout=connect_timeout, tls=tls, server_name=server_name
+        )
     raise ValueError(f"unknown MQTT backend {kind!r}")

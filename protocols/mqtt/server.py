@@ -79,9 +79,9 @@ class MqttServer:
         self.upstream_password = upstream_password.encode() if upstream_password else None
         self.issue_token = issue_token
 
-    def protocol(self, info: TlsPeer, done: Callable[[], None]) -> asyncio.Protocol:
+    def protocol(self, info: TlsPeer) -> asyncio.Protocol:
         """The protocol serving one authenticated TLS connection (``TlsListener``
-        hands the transport over); ``done`` is called once it is over."""
+        hands the transport over)."""
         fe = MqttFrontend(
             info.decision,
             info.listener,
@@ -90,7 +90,7 @@ class MqttServer:
             # the device access token API belongs to core MQTT (8883)
             token_topics=self.issue_token is not None and info.listener is Listener.MQTT_CORE,
         )
-        return _MqttLink(info, fe, self, done)
+        return _MqttLink(info, fe, self)
 
 
 class _StreamLink:
@@ -170,15 +170,35 @@ class _StreamLink:
 
 class _MqttLink(asyncio.Protocol):
     """One proxied connection: the device TLS transport's protocol and the
-    backend link's peer (device transport <-> backend link)."""
+    backend link's peer (device transport <-> backend link).
 
-    def __init__(
-        self, info: TlsPeer, fe: MqttFrontend, server: MqttServer, done: Callable[[], None]
-    ) -> None:
+    Slotted, and nothing that only the CONNECT phase needs outlives it (the
+    timer, the step task, held bytes): one of these per idle session."""
+
+    __slots__ = (
+        "_abort_timer",
+        "_backend_full",
+        "_device_full",
+        "_device_paused",
+        "_finished",
+        "_held",
+        "_lost",
+        "_task",
+        "_timer",
+        "backend",
+        "fe",
+        "identity",
+        "info",
+        "lname",
+        "server",
+        "session",
+        "transport",
+    )
+
+    def __init__(self, info: TlsPeer, fe: MqttFrontend, server: MqttServer) -> None:
         self.info = info
         self.fe = fe
         self.server = server
-        self._done: Callable[[], None] | None = done
         self.transport: asyncio.Transport | None = None
         self.backend: BackendLink | None = None
         self.session: Session | None = None
@@ -188,12 +208,12 @@ class _MqttLink(asyncio.Protocol):
         self._abort_timer: asyncio.TimerHandle | None = None
         # the CONNECT phase or a token request; the device is not read meanwhile
         self._task: asyncio.Task[None] | None = None
-        self._held = bytearray()  # device bytes that arrived while _task ran
+        self._held: bytearray | None = None  # device bytes that arrived while _task ran
         self._backend_full = False  # the backend link cannot take more
         self._device_full = False  # the device transport cannot take more
         self._device_paused = False
         self._finished = False
-        self._lost: asyncio.Future[None] | None = None
+        self._lost = False  # the device connection is gone
 
     @property
     def finished(self) -> bool:
@@ -208,15 +228,18 @@ class _MqttLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses
         self.transport = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
-        self._lost = loop.create_future()
-        self._timer = loop.call_later(self.server.connect_timeout, self._connect_timeout)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.connect_timeout, self._connect_timeout
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._finished:
             return
         if self._task is not None:
-            self._held += data
+            if self._held is None:
+                self._held = bytearray(data)
+            else:
+                self._held += data
             return
         try:
             self._apply(self.fe.device_data(data))
@@ -230,8 +253,7 @@ class _MqttLink(asyncio.Protocol):
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
+        self._lost = True
         if not self._finished:
             if self.identity is not None:
                 self._finish("device_closed", "device closed the connection")
@@ -239,9 +261,6 @@ class _MqttLink(asyncio.Protocol):
                 self._finish("connection_lost", "device closed before CONNECT")
             else:
                 self._finish("connection_lost", "device dropped before CONNECT")
-        done, self._done = self._done, None
-        if done is not None:
-            done()
 
     def pause_writing(self) -> None:
         self._device_full = True
@@ -352,10 +371,9 @@ class _MqttLink(asyncio.Protocol):
             if self.finished or self._busy():
                 return
             self._update_device_reading()
-            if self._held:
-                data = bytes(self._held)
-                self._held.clear()
-                self._apply(self.fe.device_data(data))
+            if self._held is not None:
+                held, self._held = self._held, None
+                self._apply(self.fe.device_data(bytes(held)))
         except Exception as exc:
             self._crashed(exc)
 
@@ -443,7 +461,7 @@ class _MqttLink(asyncio.Protocol):
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-        self._held.clear()
+        self._held = None
         self.log_close(code, message)
         if self.session is not None:
             self.server.registry.remove(self.session)
@@ -452,7 +470,7 @@ class _MqttLink(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()  # after what is queued (CONNACK refusal, DISCONNECT)
-            if self._lost is not None and not self._lost.done():
+            if not self._lost:
                 self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, t.abort)
 
     def log_close(self, code: str, message: str) -> None:
