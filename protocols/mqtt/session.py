@@ -118,6 +118,28 @@ def _connack_refusal(code: ReasonCode, version: int | None, reason: str) -> byte
 class MqttFrontend:
     """One device connection's MQTT rules and namespace rewriting."""
 
+    # one per live session: slotted, and the rarely used containers are made on demand
+    __slots__ = (
+        "_assigned_id",
+        "_backend",
+        "_connect",
+        "_device",
+        "_fast_in",
+        "_fast_out",
+        "_held",
+        "_local_qos2",
+        "_prefix",
+        "_refused_subs",
+        "allow_v5",
+        "client_id",
+        "decision",
+        "listener",
+        "state",
+        "tenant",
+        "token_topics",
+        "version",
+    )
+
     def __init__(
         self,
         decision: Decision,
@@ -139,12 +161,12 @@ class MqttFrontend:
         self._assigned_id: str | None = None
         self._device = MqttDecoder(max_packet_size)
         self._backend: MqttDecoder | None = None
-        self._held: list[Packet | RawPublish] = []
+        self._held: list[Packet | RawPublish] | None = None
         self._connect: Connect | None = None
         # SUBSCRIBE packet id -> positions refused by the gateway (merged into SUBACK)
-        self._refused_subs: dict[int, list[tuple[int, int]]] = {}
+        self._refused_subs: dict[int, list[tuple[int, int]]] | None = None
         # QoS 2 packet ids of token-topic PUBLISHes answered here (PUBREL is ours too)
-        self._local_qos2: set[int] = set()
+        self._local_qos2: set[int] | None = None
         # "<tenant>/" as UTF-8 once the tenant id is known valid (wire fast path)
         self._prefix: bytes | None = None
         # wire fast paths, made on the first data after CONNECT
@@ -319,6 +341,8 @@ class MqttFrontend:
             assert isinstance(p, Connect)  # the server-side decoder guarantees it
             return self._on_connect(p)
         if self.state is State.AUTHORIZING:
+            if self._held is None:
+                self._held = []
             self._held.append(p)
             return []
         return self._forward_device(p)
@@ -405,7 +429,7 @@ class MqttFrontend:
         self._connect = None  # not needed any more: no CONNECT kept per session
         self.state = State.CONNECTED
         out: list[Event] = [SendBackend(encode(backend_connect, version))]
-        held, self._held = self._held, []
+        held, self._held = self._held or [], None
         for p in held:
             out += self._forward_device(p)
             if self.state is State.CLOSED:
@@ -458,7 +482,7 @@ class MqttFrontend:
                     properties=self._mount_props(p.properties),
                 )
             return [SendBackend(encode(mounted, v)), Published("device")]
-        if isinstance(p, Pubrel) and p.packet_id in self._local_qos2:
+        if isinstance(p, Pubrel) and self._local_qos2 and p.packet_id in self._local_qos2:
             self._local_qos2.discard(p.packet_id)
             return [SendDevice(encode(Pubcomp(p.packet_id), v))]
         if isinstance(p, Subscribe):
@@ -489,8 +513,11 @@ class MqttFrontend:
             out.append(SendDevice(encode(Puback(p.packet_id), self.version)))
         elif p.qos == 2 and p.packet_id is not None:
             # a re-sent QoS 2 PUBLISH (before PUBREL) is the same request, not a new one
-            fresh = p.packet_id not in self._local_qos2
-            self._local_qos2.add(p.packet_id)
+            answered = self._local_qos2
+            if answered is None:
+                answered = self._local_qos2 = set()
+            fresh = p.packet_id not in answered
+            answered.add(p.packet_id)
             out.append(SendDevice(encode(Pubrec(p.packet_id), self.version)))
         if p.topic == TOKEN_REQUEST_TOPIC and fresh:
             out.append(TokenRequested())
@@ -529,6 +556,8 @@ class MqttFrontend:
             codes = tuple(c for _, c in refused)
             return [SendDevice(encode(Suback(p.packet_id, codes), self.version))]
         if refused:
+            if self._refused_subs is None:
+                self._refused_subs = {}
             self._refused_subs[p.packet_id] = refused
         return [SendBackend(encode(replace(p, subscriptions=tuple(allowed)), self.version))]
 
@@ -579,7 +608,7 @@ class MqttFrontend:
             out = replace(p, topic=inner, properties=self._unmount_props(p.properties))
             return [SendDevice(encode(out, v)), Published("backend")]
         if isinstance(p, Suback):
-            refused = self._refused_subs.pop(p.packet_id, None)
+            refused = self._refused_subs.pop(p.packet_id, None) if self._refused_subs else None
             if refused:
                 codes = list(p.reason_codes)
                 for pos, code in refused:
