@@ -396,7 +396,10 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         assert sslobj is not None and tcp is not None
         view = memoryview(data)
         try:
-            for pos in range(0, len(data), RECORD_SLICE):
+            # at least one pass: from close(), records may still be unread in the BIO
+            # (reading paused, or closed in connection_made) and OpenSSL fails a
+            # shutdown that meets application data
+            for pos in range(0, len(data) or 1, RECORD_SLICE):
                 incoming.write(view[pos : pos + RECORD_SLICE])
                 try:
                     while sslobj.read(RECORD_SLICE):
@@ -461,6 +464,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if self._state == _OPEN:
             self._state = _SHUTDOWN
             self._held = None
+            if self._paused and self._tcp is not None:
+                self._tcp.resume_reading()  # the peer's close_notify (or FIN) must be read
             self._timer = asyncio.get_running_loop().call_later(
                 SHUTDOWN_TIMEOUT, self._shutdown_timeout
             )
