@@ -35,12 +35,19 @@ TopicPolicy = Callable[[RawPublish], bytes | None]
 to send instead (UTF-8 wire bytes), or ``None`` when the packet must take the
 full path (token topics, topics outside the namespace, refused topics)."""
 
-CACHE_LIMIT = 512
-"""Distinct heads remembered per direction of a session (devices publish to a
-handful of topics; a device cycling through many just misses the cache)."""
+CACHE_LIMIT = 16
+"""Distinct heads remembered per direction of a session: devices publish to a
+handful of topics; one cycling through many just misses the cache (and takes
+the full decoder's cost). With :data:`HEAD_LIMIT` this bounds what a session
+can make the cache hold to a few KB, whatever its peer sends."""
 
-HEAD_LIMIT = 512
-"""Longer heads (long topics) take the full path: the cache stays small."""
+HEAD_LIMIT = 256
+"""Longer heads (long topics) take the full path."""
+
+BYPASS_BATCHES = 64
+"""Reads left to the full decoder after the cache overflowed: a peer cycling
+through more topics than the cache holds would pay a miss (a validation by a
+fresh decoder, about twice the full decoder's cost) on most packets."""
 
 _PUBLISH = 3
 
@@ -60,7 +67,7 @@ def _varint(value: int) -> bytes:
 class PublishRewriter:
     """Rewrites the topic of runs of complete PUBLISH packets on the wire."""
 
-    __slots__ = ("_cache", "_max_packet_size", "_policy", "_server", "_version")
+    __slots__ = ("_bypass", "_cache", "_max_packet_size", "_policy", "_server", "_version")
 
     def __init__(
         self, policy: TopicPolicy, *, version: int, max_packet_size: int, server: bool
@@ -70,12 +77,16 @@ class PublishRewriter:
         self._max_packet_size = max_packet_size
         self._server = server
         self._cache: dict[bytes, bytes | None] = {}
+        self._bypass = 0  # reads still left to the full decoder
 
     def run(self, buf: bytes, out: list[bytes]) -> tuple[int, int]:
         """Rewrite the PUBLISH packets at the start of ``buf`` into ``out``
         (pieces to join); return (packets rewritten, bytes consumed). Stops at
         the first packet the fast path does not take; never consumes a part of
         a packet."""
+        if self._bypass:
+            self._bypass -= 1
+            return 0, 0
         n = len(buf)
         pos = 0
         count = 0
@@ -163,6 +174,7 @@ class PublishRewriter:
         new = None if topic is None else _head(p.first, 2 + len(topic) + len(p.tail), topic)
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
+            self._bypass = BYPASS_BATCHES
         self._cache[head] = new
         return new
 

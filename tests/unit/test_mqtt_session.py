@@ -262,3 +262,21 @@ def test_rewrite_cache_is_bounded_and_long_topics_bypass_it() -> None:
     assert counts == {"device": fastpath.CACHE_LIMIT + 6}
     assert fe._fast_in is not None and len(fe._fast_in._cache) <= fastpath.CACHE_LIMIT
     assert b"acme-1/l/xxx" in backend
+
+
+def test_a_peer_cycling_through_topics_falls_back_to_the_full_decoder() -> None:
+    from protocols.mqtt import fastpath
+
+    fe = connected(MqttFrontend, 4)
+    topics = [f"t/{i}" for i in range(fastpath.CACHE_LIMIT * 3)]
+    batch = b"".join(encode(Publish(t, b"x"), 4) for t in topics)
+    slow = connected(SlowFrontend, 4)
+    for _ in range(3):
+        assert summary(fe.device_data(batch)) == summary(slow.device_data(batch))
+    assert fe._fast_in is not None and fe._fast_in._bypass > 0
+    # repeated heads again: the fast path comes back once the bypass is spent
+    fe._fast_in._bypass = 1
+    same = encode(Publish("t/0", b"x"), 4) * 4
+    fe.device_data(same)  # spends the bypass
+    assert summary(fe.device_data(same)) == summary(slow.device_data(same))
+    assert fe._fast_in._cache
