@@ -309,10 +309,11 @@ class UpstreamBackend:
         loop = asyncio.get_running_loop()
         link = _UpstreamLink(self._links)
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: link, self.host, self.port, **self._tls_args()),
-                self.connect_timeout,
-            )
+            # asyncio.timeout, not wait_for: no extra task per session
+            async with asyncio.timeout(self.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: link, self.host, self.port, **self._tls_args()
+                )
         except TimeoutError as exc:
             raise BackendUnavailable(
                 f"MQTT broker {self.host}:{self.port} unreachable: "

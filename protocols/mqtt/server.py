@@ -391,9 +391,8 @@ class _MqttLink(asyncio.Protocol):
         backend = self.server.backend
         try:
             if isinstance(backend, UpstreamBackend):
-                link = await asyncio.wait_for(
-                    backend.connect_link(self), self.server.backend_timeout
-                )
+                async with asyncio.timeout(self.server.backend_timeout):  # no extra task
+                    link = await backend.connect_link(self)
             else:
                 conn = await asyncio.wait_for(backend.connect(), self.server.backend_timeout)
                 link = _StreamLink(conn, self)
