@@ -12,10 +12,11 @@ Tests (each alternates gateway / mosquitto rounds, A B A B, so drift cancels):
 2. the same with RSA 2048;
 3. idle connections held and RSS per connection at 2,000 and 10,000;
 4. QoS 0 publish throughput device -> subscriber, through the gateway
-   (upstream mosquitto) versus mosquitto directly, twice: the subscriber a
-   device (through the same server: both hops through the gateway) and a
-   backend application on the broker over plain TCP (the upstream mosquitto,
-   or a plain listener of the direct mosquitto: one hop through the gateway);
+   (upstream mosquitto) versus mosquitto directly: the subscriber a device
+   (through the same server: both hops through the gateway) or a backend
+   application on the broker over plain TCP (the upstream mosquitto, or a
+   plain listener of the direct mosquitto: one hop through the gateway); both
+   again with the gateway speaking TLS to its upstream mosquitto;
 5. EST enrollments per second: ``POST /.well-known/est/simpleenroll`` with
    Basic ``tenant/device:OTP`` and a pre-generated ECDSA P-256 CSR, over a pool
    of keep-alive HTTPS connections, against a tenant with an ECDSA P-256 CA
