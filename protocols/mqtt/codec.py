@@ -53,6 +53,7 @@ __all__ = [
     "disconnect_for_error",
     "encode",
     "encode_reject_connack",
+    "encode_varint",
     "reject_connack",
     "v311_return_code",
 ]
@@ -1081,7 +1082,7 @@ class RawPublish:
         return b"".join(
             (
                 bytes((self.first,)),
-                _enc_varint(length),
+                encode_varint(length),
                 n.to_bytes(2, "big"),
                 topic_bytes,
                 self.tail,
@@ -1284,7 +1285,8 @@ _VARINT_SMALL: Final = tuple(bytes((i,)) for i in range(128))
 _EMPTY_PROPS_WIRE: Final = b"\x00"
 
 
-def _enc_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A Variable Byte Integer (§1.5.5), e.g. a Remaining Length."""
     if value < 128:
         return _VARINT_SMALL[value]
     out = bytearray()
@@ -1335,7 +1337,7 @@ def _enc_int_property(spec: _PropSpec, value: int) -> bytes:
     if problem is not None:
         raise MqttEncodeError(problem)
     if spec.kind == _T_VARINT:
-        return _enc_varint(value)
+        return encode_varint(value)
     size = {_T_BYTE: 1, _T_U16: 2, _T_U32: 4}[spec.kind]
     return value.to_bytes(size, "big")
 
@@ -1371,7 +1373,7 @@ def _enc_properties(props: Properties, kind: int) -> bytes:
         else:
             out += ident
             out += _enc_int_property(spec, value)
-    return _enc_varint(len(out)) + out
+    return encode_varint(len(out)) + out
 
 
 def _no_properties(props: Properties, version: int) -> None:
@@ -1383,7 +1385,7 @@ def _frame(first: int, *parts: bytes) -> bytes:
     length = sum(len(part) for part in parts)
     if length > MAX_REMAINING_LENGTH:
         raise MqttEncodeError(f"packet too large: remaining length {length}")
-    return b"".join((bytes((first,)), _enc_varint(length), *parts))
+    return b"".join((bytes((first,)), encode_varint(length), *parts))
 
 
 def _check_qos(qos: int, what: str) -> None:

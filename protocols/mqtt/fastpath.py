@@ -28,6 +28,7 @@ from protocols.mqtt.codec import (
     MqttDecoder,
     MqttProtocolError,
     RawPublish,
+    encode_varint,
 )
 
 TopicPolicy = Callable[[RawPublish], bytes | None]
@@ -50,18 +51,6 @@ through more topics than the cache holds would pay a miss (a validation by a
 fresh decoder, about twice the full decoder's cost) on most packets."""
 
 _PUBLISH = 3
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 class PublishRewriter:
@@ -184,4 +173,4 @@ def _head(first: int, remaining: int, topic: bytes) -> bytes | None:
     n = len(topic)
     if n > 0xFFFF or remaining > MAX_REMAINING_LENGTH:
         return None
-    return bytes((first,)) + _varint(remaining) + n.to_bytes(2, "big") + topic
+    return bytes((first,)) + encode_varint(remaining) + n.to_bytes(2, "big") + topic
