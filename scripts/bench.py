@@ -484,13 +484,18 @@ async def _hold(
     cmds: Any,
     out: Any,
 ) -> dict[str, Any]:
-    """One idle connection per device (a failure is retried once); hold until told."""
+    """One idle connection per device (a failure is retried once); hold until told.
+
+    Source addresses 127.<index+1>.0.<1 + j // 20,000>: one loopback address has
+    ~28,000 ephemeral ports, so 100,000 sessions (the full-size run by hand)
+    need several."""
     conns: list[MqttConnection] = []
     failures: dict[str, int] = {}
     sem = asyncio.Semaphore(concurrency)
     opts = DriverOptions(cafile=None, keepalive=600)
 
-    async def one(d: Device) -> None:
+    async def one(j: int, d: Device) -> None:
+        source = (f"127.{index + 1}.0.{1 + j // 20_000}", 0)
         async with sem:
             ctx = client_context(d, opts)
             for _ in range(2):
@@ -502,6 +507,7 @@ async def _hold(
                         client_id=d.device_id,
                         keepalive=600,
                         connect_timeout=3.0,
+                        local_addr=source,
                     )
                 except ConnectFailure as exc:
                     failures[exc.reason] = failures.get(exc.reason, 0) + 1
@@ -510,7 +516,7 @@ async def _hold(
                     return
 
     t0 = time.monotonic()
-    tasks = [asyncio.create_task(one(d)) for d in devices]
+    tasks = [asyncio.create_task(one(j, d)) for j, d in enumerate(devices)]
     _, pending = await asyncio.wait(tasks, timeout=limit)
     for t in pending:
         t.cancel()

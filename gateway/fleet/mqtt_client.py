@@ -264,11 +264,14 @@ async def open_mqtt(
     server_hostname: str | None = None,
     version: int = 4,
     on_publish: PublishCallback | None = None,
+    local_addr: tuple[str, int] | None = None,
 ) -> MqttConnection:
     """TCP connect, TLS handshake, CONNECT, CONNACK; :class:`ConnectFailure` otherwise.
 
     ``connect_timeout`` bounds the whole sequence. ``context=None`` speaks plain
-    TCP (a backend client of a broker, not a device).
+    TCP (a backend client of a broker, not a device). ``local_addr`` binds the
+    client side (e.g. another 127.x.y.z: more than one source address's
+    ephemeral ports).
     """
     loop = asyncio.get_running_loop()
     timeout = connect_timeout
@@ -276,7 +279,9 @@ async def open_mqtt(
     t0 = time.perf_counter()
     try:
         raw, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _MqttProtocol(version, on_publish), host, port),
+            loop.create_connection(
+                lambda: _MqttProtocol(version, on_publish), host, port, local_addr=local_addr
+            ),
             timeout,
         )
     except (OSError, TimeoutError) as exc:
