@@ -15,6 +15,7 @@ devices using certificates", "Perform a proof of possession", "CRL settings"):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -186,18 +187,22 @@ def decide(
     registration = _registration(listener, snap, tenant, cn, anchor)
     if isinstance(registration, Rejection):
         return registration
+    leaf_fingerprint = fingerprint(leaf)
+    # Identities are kept per live session: the CA certificates' fingerprints are
+    # the same for every device under them, so they are shared strings.
+    ca_fingerprints = tuple(sys.intern(fingerprint(c)) for c in chain.certificates[1:])
     return DeviceIdentity(
         tenant=tenant,
         device_id=cn,
         listener=listener,
         registration=registration,
         anchor_fingerprint=anchor.fingerprint,
-        leaf_fingerprint=fingerprint(leaf),
+        leaf_fingerprint=leaf_fingerprint,
         leaf_serial=leaf.serial_number,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         chain_serials=tuple(c.serial_number for c in chain.certificates),
-        chain_fingerprints=tuple(fingerprint(c) for c in chain.certificates),
+        chain_fingerprints=(leaf_fingerprint, *ca_fingerprints),
     )
 
 
